@@ -1,0 +1,468 @@
+"""A LLaMA-family transformer, written out by hand, that loads and saves Hugging Face checkpoints.
+
+One file, read top to bottom: the config (from the checkpoint's `config.json`), the four
+pieces of a LLaMA block (RMSNorm, rotary position embedding, grouped-query attention,
+SwiGLU MLP), the model, a static KV cache for generation, and loading / saving of
+safetensors checkpoints. It covers `LlamaForCausalLM`, `MistralForCausalLM` (without a
+sliding window) and `Qwen2ForCausalLM` (q/k/v biases). Module names follow the Hugging
+Face weight names, so a checkpoint maps onto the model with no renaming table.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or key at fault."""
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    dim: int                  # hidden_size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int           # < n_heads means grouped-query attention
+    head_dim: int             # explicit: Mistral-Nemo has 128 != 5120 / 32
+    hidden_dim: int           # the MLP's intermediate_size
+    norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # {"rope_type": "llama3" | "linear", ...} or None
+    max_seq_len: int
+    tie_embeddings: bool
+    qkv_bias: bool            # Qwen2 has biases on q, k and v (not on o)
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """Read the fields we need from a Hugging Face config dict, refusing what we cannot run."""
+        arch = (hf.get("architectures") or [None])[0]
+        if arch not in ARCHITECTURES:
+            raise CheckpointError(f"{source}: architecture {arch!r} is not supported "
+                                  f"(supported: {', '.join(ARCHITECTURES)}).")
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size"):
+            if key not in hf:
+                raise CheckpointError(f"{source}: required key {key!r} is missing.")
+        if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias", False):
+            raise CheckpointError(f"{source}: hidden_act={hf.get('hidden_act')!r}, mlp_bias="
+                                  f"{hf.get('mlp_bias', False)} is not supported (only silu, no bias).")
+        # A sliding window changes which keys a query may see; we only implement full
+        # causal attention, so a config that actually slides is refused rather than run wrong.
+        window = hf.get("sliding_window")
+        uses_window = hf.get("use_sliding_window", arch == "MistralForCausalLM")
+        max_pos = hf.get("max_position_embeddings", 4096)
+        if uses_window and window is not None and window < max_pos:
+            raise CheckpointError(f"{source}: sliding_window={window} (< max_position_embeddings="
+                                  f"{max_pos}) is not supported; only full causal attention is.")
+        # transformers 5 moved rope_theta and the scaling into `rope_parameters`.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported "
+                                  "(supported: default, linear, llama3).")
+        n_heads = hf["num_attention_heads"]
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,  # absent means MHA
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            hidden_dim=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            max_seq_len=max_pos,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+        )
+
+
+# -----------------------------------------------------------------------------
+# The pieces of a block
+
+
+class RMSNorm(nn.Module):
+    """Scale each vector to unit root-mean-square, then by a learned gain. Computed in fp32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # fp32 for the mean of squares: bf16 loses the small components of a large vector.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """The rotary frequencies, one per pair of channels, with the checkpoint's scaling applied."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths (low frequencies) are slowed by `factor`, short ones are kept,
+    # and the band in between is interpolated smoothly (Llama 3.1 paper, section 4.2 code).
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(in_band, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos and sin tables for integer positions (B, T), in fp32 then cast: (B, T, hd) each."""
+    freqs = positions.float()[..., None] * inv_freq.float()  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)                    # (B, T, hd): rotate-half layout
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs (i, i + hd/2) of x (B, nh, T, hs): the layout HF checkpoints store q/k in."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention: n_kv_heads key/value heads shared by n_heads queries."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): every slot filled so far
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: a SiLU-gated linear unit between two projections."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Static per-layer key/value buffers for batched decoding (as in gpt-fast).
+
+    All rows share slot numbers: prompts are left-padded so that they end on the same slot
+    and every decode step writes one new slot for every row. `valid[b, s]` says whether
+    slot s of row b holds a real token (False for left padding); it gives both the
+    attention mask and each row's own positions.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype, device):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.length = 0  # slots filled by the layers of completed forward passes
+
+    def update(self, layer: int, k, v):
+        """Write this step's k/v (B, nkv, T, hs) after the filled slots; return all slots so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def positions_and_mask(valid: torch.Tensor, T: int):
+    """Positions of the last T slots and their attention mask, from slot validity (B, S).
+
+    A query at slot i sees key slot j when j <= i (causal) and slot j holds a real token.
+    Each row counts positions over its own real tokens, so a left-padded row starts at
+    position 0 just like an unpadded one. A padding query is also let see itself: a row of
+    the mask with nothing visible would make softmax return NaN, and a NaN value times a
+    zero weight is still NaN in every later layer.
+    """
+    S = valid.shape[1]
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, S - T:]  # (B, T)
+    q_slot = torch.arange(S - T, S, device=valid.device)[:, None]      # (T, 1)
+    k_slot = torch.arange(S, device=valid.device)[None, :]             # (1, S)
+    mask = (k_slot <= q_slot) & (valid[:, None, :] | (k_slot == q_slot))  # (B, T, S)
+    return positions, mask[:, None]                                     # mask: (B, 1, T, S)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    """Token ids in, next-token logits (or the final hidden states) out."""
+
+    def __init__(self, cfg: ModelConfig, hf_config: dict | None = None):
+        super().__init__()
+        self.config = cfg
+        self.hf_config = dict(hf_config or {})  # written back unchanged by save_pretrained
+        self.source_dir: Path | None = None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The output projection (V, dim); the token embedding itself when they are tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, tokens, valid=None, cache: KVCache | None = None):
+        """The final normalised hidden states (B, T, dim), before the output projection.
+
+        tokens: (B, T) ids. valid: (B, T) bool, False on padding (None: no padding). With a
+        cache, the tokens fill the next T slots and attend to everything cached before them.
+        """
+        B, T = tokens.shape
+        if cache is not None:
+            if cache.length + T > cache.max_len:
+                raise ValueError(f"KV cache full: {cache.length} + {T} tokens > max_len {cache.max_len}.")
+            cache.valid[:, cache.length:cache.length + T] = True if valid is None else valid
+            valid = cache.valid[:, :cache.length + T]
+        if valid is None:
+            # No padding: plain causal attention, which SDPA runs without building a mask.
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+            mask = None
+        else:
+            positions, mask = positions_and_mask(valid, T)
+        x = self.embed_tokens(tokens)  # (B, T, dim)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def forward(self, tokens, valid=None, cache: KVCache | None = None):
+        """Logits (B, T, V) for each position's next token."""
+        return F.linear(self.hidden_states(tokens, valid, cache), self.lm_head_weight)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, p.dtype, p.device)
+
+    # -------------------------------------------------------------------------
+    # Loading and saving Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
+        """Load a LLaMA-family checkpoint directory (config.json + safetensors, one file or sharded).
+
+        dtype: None keeps the checkpoint's dtype (`torch_dtype` / `dtype` in config.json).
+        Tensors are memory-mapped and converted one at a time into the requested dtype and
+        device, so peak memory is about one copy of the model.
+        """
+        path = Path(path)
+        hf = read_config(path)
+        cfg = ModelConfig.from_hf(hf, str(path / "config.json"))
+        if dtype is None:
+            dtype = getattr(torch, str(hf.get("torch_dtype") or hf.get("dtype") or "float32"))
+        with torch.device("meta"):
+            model = cls(cfg, hf)
+        expected = {name: p for name, p in model.named_parameters()}
+        state = {}
+        for name, tensor, file in iter_checkpoint_tensors(path):
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # some tied checkpoints still carry a copy; the embedding is what counts
+            ours = name.removeprefix("model.")
+            if ours not in expected:
+                raise CheckpointError(f"{file}: unexpected tensor {name!r} for {cfg.architecture}.")
+            if tuple(tensor.shape) != tuple(expected[ours].shape):
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(expected[ours].shape)} from config.json.")
+            state[ours] = tensor.to(device=device, dtype=dtype)
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            hf_name = missing[0] if missing[0].startswith("lm_head") else "model." + missing[0]
+            raise CheckpointError(f"{path}: tensor {hf_name!r} is missing from the checkpoint "
+                                  f"({len(missing)} missing in all).")
+        model.load_state_dict(state, assign=True)
+        model.inv_freq = rope_inv_freq(cfg).to(device)
+        model.source_dir = path
+        return model.eval()
+
+    def save_pretrained(self, path, max_shard_size: int = 5 * 2**30):
+        """Write config.json and safetensors (sharded above max_shard_size bytes) that transformers loads.
+
+        Tokenizer and generation files of the checkpoint this model came from are copied
+        along, so the directory is a complete model. Written into a temporary directory
+        that replaces `path` only when complete.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            dtype = self.embed_tokens.weight.dtype
+            hf = dict(self.hf_config)
+            dtype_key = "dtype" if "dtype" in hf else "torch_dtype"
+            hf[dtype_key] = str(dtype).removeprefix("torch.")
+            write_json(tmp / "config.json", hf)
+            tensors = {("" if n.startswith("lm_head") else "model.") + n: p.detach().contiguous().cpu()
+                       for n, p in self.named_parameters()}
+            shards, size = [[]], 0
+            for name, t in tensors.items():
+                nbytes = t.numel() * t.element_size()
+                if shards[-1] and size + nbytes > max_shard_size:
+                    shards.append([])
+                    size = 0
+                shards[-1].append(name)
+                size += nbytes
+            if len(shards) == 1:
+                save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+            else:
+                weight_map = {}
+                for i, names in enumerate(shards):
+                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                    save_file({n: tensors[n] for n in names}, tmp / fname, metadata={"format": "pt"})
+                    weight_map.update({n: fname for n in names})
+                total = sum(t.numel() * t.element_size() for t in tensors.values())
+                write_json(tmp / "model.safetensors.index.json",
+                           {"metadata": {"total_size": total}, "weight_map": weight_map})
+            if self.source_dir is not None:
+                for name in AUX_FILES:
+                    if (self.source_dir / name).is_file():
+                        shutil.copy2(self.source_dir / name, tmp / name)
+            replace_dir(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Files of a checkpoint that are not weights but make it usable: copied by save_pretrained.
+AUX_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+             "chat_template.jinja", "generation_config.json")
+
+
+def read_config(path: Path) -> dict:
+    """config.json of a checkpoint directory, with a clear error for each way it can be absent."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist.")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file}: config.json is missing from the checkpoint directory.")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e}).") from None
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards named by the index, or the single file."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not weight_map:
+            raise CheckpointError(f"{index}: no 'weight_map' in the shard index.")
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: shard named in {index.name} is missing.")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if (path / "pytorch_model.bin").is_file() or any(path.glob("pytorch_model-*.bin")):
+        # Unpickling can run arbitrary code, so .bin checkpoints are refused, not loaded.
+        raise CheckpointError(f"{path}: only pytorch_model.bin found; convert it to safetensors "
+                              "(it is never unpickled here).")
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json found.")
+
+
+def iter_checkpoint_tensors(path: Path):
+    """Yield (name, tensor, file) for every tensor of the checkpoint, memory-mapped."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in checkpoint_files(path):
+        try:
+            with safe_open(f, framework="pt", device="cpu") as sf:
+                for name in sf.keys():
+                    yield name, sf.get_tensor(name), f
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: not a valid safetensors file ({e}).") from None
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put directory src at dst; an existing dst is moved aside first and removed only after."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

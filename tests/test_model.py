@@ -1,0 +1,249 @@
+"""model.py against transformers: tiny random checkpoints saved by transformers, loaded by us.
+
+transformers is the independent reference here (a test-only dependency). Each case builds
+a small random model of one architecture and shape family, saves it with safetensors, and
+checks that our logits equal transformers' at the default fp32 tolerances.
+"""
+import json
+
+import pytest
+import torch
+import transformers
+
+from generate import generate_ids
+from model import CheckpointError, Transformer
+
+VOCAB = 97
+
+
+def tiny(arch="llama", **kw):
+    """A random transformers model of the given family, small enough for milliseconds on CPU."""
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                tie_word_embeddings=False)
+    base.update(kw)
+    cls_cfg, cls_model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
+    torch.manual_seed(0)
+    model = cls_model(cls_cfg(**base)).eval()
+    # Random init puts tiny values in norms' gains (ones) and biases (zeros); perturb them
+    # so a loader that dropped a bias or a norm would be caught.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+CASES = {
+    "llama-gqa-untied": ("llama", {}),
+    "llama-mha-tied": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama-head-dim-32": ("llama", dict(head_dim=32)),
+    "llama3-rope-factor-8": ("llama", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "llama3-rope-factor-32": ("llama", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "qwen2-bias-tied": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen2-bias-untied": ("qwen2", dict(num_key_value_heads=1)),
+    "mistral-untied": ("mistral", dict(sliding_window=None)),
+    "mistral-head-dim-24": ("mistral", dict(sliding_window=None, head_dim=24, tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(case, tmp_path):
+    arch, kw = CASES[case]
+    ref = tiny(arch, **kw)
+    ref.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    tokens = torch.randint(0, VOCAB, (2, 40))  # 40 > 16: past llama3's original context
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf_logits(ref, tokens))
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    ref = tiny("llama")
+    ref.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    ours = Transformer.from_pretrained(tmp_path)
+    tokens = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf_logits(ref, tokens))
+
+
+@pytest.mark.parametrize("shard", [False, True])
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen2-bias-tied"])
+def test_save_pretrained_roundtrip(case, shard, tmp_path):
+    arch, kw = CASES[case]
+    ref = tiny(arch, **kw)
+    ref.save_pretrained(tmp_path / "src")
+    ours = Transformer.from_pretrained(tmp_path / "src")
+    ours.save_pretrained(tmp_path / "out", max_shard_size=30_000 if shard else 5 * 2**30)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file() == shard
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(back, tokens), ours(tokens))
+    assert not list(tmp_path.glob(".out.tmp-*")), "temporary directory left behind"
+
+
+def test_hidden_states_project_to_logits(tmp_path):
+    tiny("llama", tie_word_embeddings=True).save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    tokens = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        h = ours.hidden_states(tokens)
+        assert h.shape == (2, 7, 64)
+        torch.testing.assert_close(h @ ours.lm_head_weight.T, ours(tokens))
+    assert ours.lm_head_weight is ours.embed_tokens.weight
+
+
+def test_bf16_load(tmp_path):
+    tiny("llama").save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    assert ours(torch.randint(0, VOCAB, (1, 5))).dtype == torch.bfloat16
+
+
+# -----------------------------------------------------------------------------
+# KV cache: cached greedy decoding equals recomputing everything at every step
+
+
+def greedy_uncached(model, prompts, n_new, pad_id=0):
+    """Greedy decoding that re-runs the whole left-padded sequence each step (no cache)."""
+    T = max(len(p) for p in prompts)
+    tokens = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts])
+    valid = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts])
+    out = []
+    with torch.no_grad():
+        for _ in range(n_new):
+            nxt = model(tokens, valid)[:, -1].argmax(-1)
+            out.append(nxt)
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+            valid = torch.cat([valid, torch.ones_like(valid[:, :1])], 1)
+    return torch.stack(out, 1).tolist()
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen2-bias-tied", "llama3-rope-factor-8"])
+def test_cached_greedy_equals_uncached_left_padded(case, tmp_path):
+    arch, kw = CASES[case]
+    tiny(arch, **kw).save_pretrained(tmp_path)
+    model = Transformer.from_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
+    cached = generate_ids(model, prompts, stop_ids=[], pad_id=0, max_new_tokens=24)
+    assert cached == greedy_uncached(model, prompts, 24)
+    # and a row decoded alone equals the same row decoded in the padded batch
+    for i, p in enumerate(prompts):
+        assert generate_ids(model, [p], stop_ids=[], pad_id=0, max_new_tokens=24)[0] == cached[i]
+
+
+def test_uncached_padded_equals_unpadded(tmp_path):
+    tiny("llama").save_pretrained(tmp_path)
+    model = Transformer.from_pretrained(tmp_path)
+    p = [5, 9, 13, 2, 40]
+    with torch.no_grad():
+        alone = model(torch.tensor([p]))[0]
+        padded = model(torch.tensor([[0, 0, 0] + p]), torch.tensor([[False] * 3 + [True] * 5]))[0, 3:]
+    torch.testing.assert_close(padded, alone)
+
+
+def test_generate_ids_stops_on_any_stop_id(tmp_path):
+    tiny("llama").save_pretrained(tmp_path)
+    model = Transformer.from_pretrained(tmp_path)
+    free = generate_ids(model, [[3, 4, 5]], stop_ids=[], pad_id=0, max_new_tokens=10)[0]
+    stop_at = free[4]
+    first = free.index(stop_at)
+    cut = generate_ids(model, [[3, 4, 5]], stop_ids=[VOCAB + 5, stop_at], pad_id=0, max_new_tokens=10)[0]
+    assert cut == free[:first]
+
+
+# -----------------------------------------------------------------------------
+# Bad checkpoints: one clear sentence naming the file or key
+
+
+@pytest.fixture
+def saved(tmp_path):
+    tiny("llama").save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Transformer.from_pretrained(tmp_path / "nope")
+
+
+def test_missing_config(saved):
+    (saved / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json is missing"):
+        Transformer.from_pretrained(saved)
+
+
+def test_missing_shard(tmp_path):
+    tiny("llama").save_pretrained(tmp_path, max_shard_size="40KB")
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=victim.name):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_corrupt_safetensors_header(saved):
+    f = saved / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"{ this is not json at all !!!!!!"
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a valid safetensors file"):
+        Transformer.from_pretrained(saved)
+
+
+def test_wrong_shape(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight' has shape"):
+        Transformer.from_pretrained(saved)
+
+
+def test_missing_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+    tiny("llama").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' is missing"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_unknown_architecture(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="'GPTNeoXForCausalLM' is not supported"):
+        Transformer.from_pretrained(saved)
+
+
+def test_sliding_window_refused(tmp_path):
+    tiny("mistral", sliding_window=64).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="sliding_window=64"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_pytorch_model_bin_never_unpickled(tmp_path):
+    tiny("llama").save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    # A pickle that would run code if loaded: the loader must refuse before touching it.
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04cos\nsystem\n(S'touch pwned'\ntR.")
+    with pytest.raises(CheckpointError, match=r"only pytorch_model\.bin found"):
+        Transformer.from_pretrained(tmp_path)
+    assert not (tmp_path / "pwned").exists()
