@@ -109,6 +109,49 @@ def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int = 256, 
     return replies
 
 
+def right_pad(seqs: list[list[int]], pad_id: int, device):
+    """Stack id lists into (B, T) with padding on the right: under causal attention a real
+    token never sees the padding after it, so no mask is needed when only scoring."""
+    T = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return tokens.to(device)
+
+
+@torch.inference_mode()
+def token_logprobs(model: Transformer, seqs: list[list[int]], batch_size: int = 8) -> list[torch.Tensor]:
+    """log p(seq[t] | seq[:t]) for t = 1 .. len-1 of each id sequence, as fp32 CPU tensors.
+
+    What scoring needs: the likelihood of a reference answer, of a harmful phrase under two
+    instructions, of a judge's "Yes". Logits are formed one row at a time from the hidden
+    states, so a batch never holds B x T x V of them.
+    """
+    device = model.embed_tokens.weight.device
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        batch = seqs[start:start + batch_size]
+        h = model.hidden_states(right_pad(batch, 0, device))  # (B, T, dim)
+        for row, s in zip(h, batch):
+            logp = torch.log_softmax((row[:len(s) - 1] @ model.lm_head_weight.T).float(), dim=-1)
+            target = torch.tensor(s[1:], device=device)
+            out.append(logp.gather(-1, target[:, None]).squeeze(-1).cpu())
+    return out
+
+
+@torch.inference_mode()
+def next_token_logprobs(model: Transformer, seqs: list[list[int]], batch_size: int = 8) -> torch.Tensor:
+    """log-softmax over the vocabulary of the token after each sequence: (N, V), fp32 on CPU."""
+    device = model.embed_tokens.weight.device
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        batch = seqs[start:start + batch_size]
+        h = model.hidden_states(right_pad(batch, 0, device))
+        last = h[torch.arange(len(batch)), torch.tensor([len(s) - 1 for s in batch])]  # (B, dim)
+        out.append(torch.log_softmax((last @ model.lm_head_weight.T).float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
@@ -148,6 +191,7 @@ def stream_reply(model, tokenizer, messages, args) -> str:
                      args.top_p, args.seed, on_token=on_token)[0]
     dt = time.perf_counter() - t0
     sys.stdout.write(reply[len(printed):] + "\n")
+    sys.stdout.flush()
     print(f"[{len(new_ids)} tokens in {dt:.1f} s, {len(new_ids) / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return reply
 

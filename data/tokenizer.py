@@ -148,23 +148,12 @@ class Tokenizer:
         return ids, offsets
 
     def _sp_encode(self, text, start, end, ids, offsets):
-        """sentencepiece ids of text[start:end]; its byte offsets turned into character offsets."""
+        """sentencepiece ids of text[start:end] and their character offsets into text."""
         if start >= end:
             return
-        chunk = text[start:end]
-        raw = chunk.encode("utf-8")
-        # character index of every byte position, so byte spans map back to characters
-        char_at = [0] * (len(raw) + 1)
-        b = 0
-        for c, ch in enumerate(chunk):
-            n = len(ch.encode("utf-8"))
-            for k in range(n):
-                char_at[b + k] = c
-            b += n
-        char_at[len(raw)] = len(chunk)
-        for piece in self.backend.encode(chunk, out_type="immutable_proto").pieces:
-            ids.append(piece.id)
-            offsets.append((start + char_at[piece.begin], start + char_at[piece.end]))
+        enc = self.backend.encode(text[start:end], return_type="offset_mapping")
+        ids += enc["ids"]
+        offsets += [(start + s, start + e) for s, e in enc["offsets"]]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens (template markers, EOS) are dropped by default."""

@@ -1,0 +1,18 @@
+"""Text in and out of the model, and the data the method starts from.
+
+- `data.tokenizer`: the checkpoint's own tokenizer and chat template.
+- `data.default_model`: the embedded default model, fetched and converted on first use.
+- `data.dataset`: dual-dataset records to training tensors.
+- `seeds.json`, `eval_*.jsonl`: the human annotations and the held-out prompt sets.
+"""
+from data.tokenizer import Tokenizer
+
+__all__ = ["Tokenizer", "default_model_path"]
+
+
+def __getattr__(name):
+    # Imported on first use, so `python -m data.default_model` does not import itself twice.
+    if name == "default_model_path":
+        from data.default_model import default_model_path
+        return default_model_path
+    raise AttributeError(name)

@@ -1,0 +1,222 @@
+"""From dual-dataset records to training tensors.
+
+A record (written by `ptalign.py generate`) holds a question, a positive response, a toxic
+response and the character spans of the toxic response's harmful words. Training sees the
+bare question in the model's chat template (no principles, no exemplars) and two examples
+per record:
+
+    positive: every response token (and the end-of-turn token) is an MLE target
+    toxic:    response tokens under a harmful span are unlikelihood (UT) targets; all else ignored
+
+Spans are stored as characters so a dataset does not depend on the tokenizer; here they
+become a token mask through the tokenizer's offsets.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+
+# Words that carry no harm on their own and are never marked, whatever a quote or a
+# contrast score says: articles, pronouns, auxiliaries, prepositions, conjunctions.
+FUNCTION_WORDS = frozenset("""
+a an the and or but nor so yet for of to in on at by with from into onto about as than then
+i me my mine we us our ours you your yours he him his she her hers it its they them their theirs
+this that these those there here who whom whose which what when where why how
+is am are was were be been being do does did done have has had having will would shall should
+can could may might must not no if just also too very really all any some each every
+up down out over under again once only own same such both more most other
+""".split())
+
+WORD = re.compile(r"\w+(?:['’]\w+)*")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names the file, line or key."""
+
+
+# -----------------------------------------------------------------------------
+# Character spans
+
+
+def word_spans(text: str, start: int = 0, end: int | None = None) -> list[list[int]]:
+    """[start, end) spans of the content words of text[start:end] (function words, space and punctuation left out)."""
+    end = len(text) if end is None else end
+    return [[m.start(), m.end()] for m in WORD.finditer(text, start, end)
+            if m.group().lower() not in FUNCTION_WORDS]
+
+
+def locate(text: str, phrase: str) -> tuple[int, int] | None:
+    """Where a quoted phrase occurs in text: exactly, else ignoring case and runs of whitespace."""
+    phrase = phrase.strip().strip("\"'“”‘’").strip()
+    if not phrase:
+        return None
+    i = text.find(phrase)
+    if i >= 0:
+        return i, i + len(phrase)
+    words = [re.escape(w) for w in phrase.split()]
+    m = re.search(r"\s+".join(words), text, flags=re.IGNORECASE)
+    return (m.start(), m.end()) if m else None
+
+
+def merge_spans(spans) -> list[list[int]]:
+    """Sorted, non-overlapping spans; touching or overlapping ones are joined."""
+    out = []
+    for s, e in sorted(map(tuple, spans)):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return out
+
+
+def spans_to_token_mask(offsets, spans) -> list[bool]:
+    """True for each token whose character range overlaps a span."""
+    spans = merge_spans(spans)
+    return [any(s < te and ts < e for s, e in spans) for ts, te in offsets]
+
+
+# -----------------------------------------------------------------------------
+# Records -> examples
+
+
+def load_records(path) -> list[dict]:
+    """Records of a dual-dataset JSONL file, each checked for the keys training needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: dataset file does not exist.")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg}).") from None
+        for key, kind in (("question", str), ("positive", str), ("toxic", str), ("spans", list)):
+            if not isinstance(r.get(key), kind):
+                raise DatasetError(f"{path}:{n}: key {key!r} is missing or not a {kind.__name__}.")
+        if not r["spans"]:
+            raise DatasetError(f"{path}:{n}: record has no harmful spans; the toxic side would train nothing.")
+        for s in r["spans"]:
+            if not (isinstance(s, list) and len(s) == 2 and 0 <= s[0] < s[1] <= len(r["toxic"])):
+                raise DatasetError(f"{path}:{n}: span {s!r} is not [start, end) inside the toxic response.")
+        records.append(r)
+    if not records:
+        raise DatasetError(f"{path}: dataset is empty.")
+    return records
+
+
+@dataclass
+class Example:
+    ids: list[int]        # prompt + response tokens
+    targets: list[int]    # targets[t] is the token predicted at position t, or IGNORE
+    ut: list[bool]        # ut[t]: position t is an unlikelihood target
+    truncated: bool = False
+
+
+def encode_example(tokenizer, question: str, response: str, spans=None, max_len: int = 1024) -> Example | None:
+    """Tokens and targets for one (question, response): MLE on the response if spans is None,
+    else unlikelihood on the tokens under spans and nothing elsewhere.
+
+    The response is located inside the template's rendering of the full conversation, so its
+    tokens (and the end-of-turn marker after it) are exactly those the model would produce.
+    Returns None when the prompt alone does not fit in max_len: it is dropped, not cut.
+    """
+    messages = [{"role": "user", "content": question}]
+    prompt_text = tokenizer.render_chat(messages, add_generation_prompt=True)
+    full_text = tokenizer.render_chat(messages + [{"role": "assistant", "content": response}],
+                                      add_generation_prompt=False)
+    if not full_text.startswith(prompt_text):
+        raise DatasetError("chat template: the rendered conversation does not start with the rendered "
+                           "prompt, so response tokens cannot be located.")
+    suffix = full_text[len(prompt_text):]
+    r0 = suffix.find(response)
+    if r0 < 0:
+        raise DatasetError(f"chat template changed the response text (e.g. trimmed it): {response[:40]!r}.")
+    r1 = r0 + len(response)
+    prompt_ids = tokenizer.encode(prompt_text)
+    if len(prompt_ids) >= max_len:
+        return None
+    suffix_ids, offsets = tokenizer.encode_with_offsets(suffix)
+    in_response = [s < r1 and r0 < e for s, e in offsets]
+    if spans is None:
+        # MLE: the response, and the first token after it (end of turn) so the model learns to stop.
+        target = list(in_response)
+        after = next((i for i, (s, _) in enumerate(offsets) if s >= r1), None)
+        if after is not None:
+            target[after] = True
+        ut_tok = [False] * len(suffix_ids)
+    else:
+        ut_tok = [m and r for m, r in zip(spans_to_token_mask(offsets, [[s + r0, e + r0] for s, e in spans]),
+                                          in_response)]
+        target = ut_tok
+    ids = prompt_ids + suffix_ids
+    is_target = [False] * len(prompt_ids) + target
+    is_ut = [False] * len(prompt_ids) + ut_tok
+    truncated = len(ids) > max_len
+    ids, is_target, is_ut = ids[:max_len], is_target[:max_len], is_ut[:max_len]
+    # Position t predicts token t + 1.
+    targets = [ids[t + 1] if is_target[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+    ut = [is_ut[t + 1] for t in range(len(ids) - 1)] + [False]
+    return Example(ids, targets, ut, truncated)
+
+
+def build_examples(records, tokenizer, max_len: int, loss: str = "both"):
+    """Two examples per record (positive MLE, toxic UT), or one side only for --loss mle / ut.
+
+    Returns (examples, stats) where stats counts what was dropped or truncated, for the summary.
+    """
+    examples, stats = [], {"records": len(records), "dropped_long_prompt": 0, "truncated": 0,
+                           "no_target_after_truncation": 0}
+    for r in records:
+        sides = []
+        if loss in ("mle", "both"):
+            sides.append((r["positive"], None))
+        if loss in ("ut", "both"):
+            sides.append((r["toxic"], r["spans"]))
+        for response, spans in sides:
+            ex = encode_example(tokenizer, r["question"], response, spans, max_len)
+            if ex is None:
+                stats["dropped_long_prompt"] += 1
+            elif all(t == IGNORE for t in ex.targets):
+                stats["no_target_after_truncation"] += 1
+            else:
+                stats["truncated"] += ex.truncated
+                examples.append(ex)
+    return examples, stats
+
+
+def batches(examples: list[Example], batch_size: int, seed: int, epoch: int, pad_id: int):
+    """Length-bucketed batches in a shuffled order that depends only on (seed, epoch).
+
+    Examples are sorted by length within windows of 8 batches so a batch pads little,
+    and the batch order is shuffled so training does not see lengths in order.
+    Yields (ids, targets, ut_mask) as (B, T) tensors, right-padded.
+    """
+    rng = random.Random(seed * 1000003 + epoch)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    window = batch_size * 8
+    order = [i for w in range(0, len(order), window)
+             for i in sorted(order[w:w + window], key=lambda i: len(examples[i].ids))]
+    groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(groups)
+    for group in groups:
+        exs = [examples[i] for i in group]
+        T = max(len(e.ids) for e in exs)
+        ids = torch.full((len(exs), T), pad_id, dtype=torch.long)
+        targets = torch.full((len(exs), T), IGNORE, dtype=torch.long)
+        ut = torch.zeros((len(exs), T), dtype=torch.bool)
+        for b, e in enumerate(exs):
+            n = len(e.ids)
+            ids[b, :n] = torch.tensor(e.ids)
+            targets[b, :n] = torch.tensor(e.targets)
+            ut[b, :n] = torch.tensor(e.ut)
+        yield ids, targets, ut

@@ -1,0 +1,184 @@
+"""Checks on the hand-written data files: seed annotations and eval prompt sets.
+
+Standard library only (json, re, pathlib); runs in milliseconds.
+"""
+import itertools
+import json
+import pathlib
+import re
+
+DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
+
+MAX_SEED_ITEMS = 49          # "fewer than 50 human annotations"
+MAX_PROMPT_CHARS = 200
+NEAR_DUP_JACCARD = 0.7       # word-set Jaccard at or above this counts as a near-duplicate
+
+
+def load_seeds():
+    with open(DATA / "seeds.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_jsonl(name):
+    rows = []
+    with open(DATA / name, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                assert isinstance(row, dict), f"{name}:{lineno} is not an object"
+                rows.append(row)
+    return rows
+
+
+def count_seed_items(seeds):
+    """Every category, example question, principle, toxic trait and exemplar is one item."""
+    categories = seeds["categories"]
+    return (len(categories)
+            + sum(len(c["examples"]) for c in categories)
+            + len(seeds["principles"])
+            + len(seeds["toxic_traits"])
+            + len(seeds["exemplars"]))
+
+
+def normalise(text):
+    return " ".join(re.sub(r"[^\w\s]", "", text.lower()).split())
+
+
+def words(text):
+    return frozenset(normalise(text).split())
+
+
+def jaccard(a, b):
+    """Jaccard similarity of two word sets (from words())."""
+    return len(a & b) / max(len(a | b), 1)
+
+
+def seed_questions(seeds):
+    qs = [q for c in seeds["categories"] for q in c["examples"]]
+    return qs + [e["question"] for e in seeds["exemplars"]]
+
+
+def _nonempty_str(x):
+    return isinstance(x, str) and x.strip() != ""
+
+
+# ---------------------------------------------------------------- seeds
+
+def test_seed_count_under_50():
+    n = count_seed_items(load_seeds())
+    assert n <= MAX_SEED_ITEMS, f"{n} seed items; must be fewer than 50"
+
+
+def test_count_seed_items_counts_everything():
+    toy = {"categories": [{"name": "a", "description": "", "examples": ["q1", "q2"]},
+                          {"name": "b", "description": "", "examples": ["q3"]}],
+           "principles": ["p"], "toxic_traits": ["t1", "t2"],
+           "exemplars": [{"category": "a", "question": "q", "positive": "p",
+                          "toxic": "t", "harmful_phrases": ["t"]}]}
+    assert count_seed_items(toy) == 2 + 3 + 1 + 2 + 1
+
+
+def test_seed_schema():
+    seeds = load_seeds()
+    assert set(seeds) == {"categories", "principles", "toxic_traits", "exemplars"}
+    names = [c["name"] for c in seeds["categories"]]
+    assert len(names) == len(set(names)) and len(names) >= 5
+    for c in seeds["categories"]:
+        assert set(c) == {"name", "description", "examples"}
+        assert re.fullmatch(r"[a-z_]+", c["name"]), c["name"]
+        assert _nonempty_str(c["description"])
+        assert isinstance(c["examples"], list) and 1 <= len(c["examples"]) <= 2
+        assert all(_nonempty_str(q) and len(q) <= MAX_PROMPT_CHARS for q in c["examples"])
+    for key in ("principles", "toxic_traits"):
+        assert isinstance(seeds[key], list) and len(seeds[key]) >= 3
+        assert all(_nonempty_str(x) for x in seeds[key])
+        assert len(set(seeds[key])) == len(seeds[key])
+    assert len(seeds["exemplars"]) >= 2
+    for e in seeds["exemplars"]:
+        assert set(e) == {"category", "question", "positive", "toxic", "harmful_phrases"}
+        assert e["category"] in names
+        for key in ("question", "positive", "toxic"):
+            assert _nonempty_str(e[key])
+        assert isinstance(e["harmful_phrases"], list) and e["harmful_phrases"]
+    qs = [normalise(q) for q in seed_questions(seeds)]
+    assert len(qs) == len(set(qs)), "duplicate seed questions"
+
+
+def test_harmful_phrases_are_substrings_of_toxic():
+    for e in load_seeds()["exemplars"]:
+        for phrase in e["harmful_phrases"]:
+            assert _nonempty_str(phrase)
+            assert phrase in e["toxic"], f"{phrase!r} not in toxic text of {e['question']!r}"
+            assert phrase not in e["positive"]
+
+
+def test_toxic_exemplars_carry_no_operational_detail():
+    # Crude guard: no numbers, no numbered or "step" lists. Toxic text is tone only.
+    for e in load_seeds()["exemplars"]:
+        assert not re.search(r"\d", e["toxic"]), e["toxic"]
+        assert not re.search(r"\bsteps?\b|\bfirst,|\bthen\b", e["toxic"], re.I), e["toxic"]
+
+
+# ---------------------------------------------------------------- eval sets
+
+def _check_common(rows, prefix):
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), "duplicate ids"
+    for r in rows:
+        assert re.fullmatch(prefix + r"-\d{3}", r["id"]), r["id"]
+        assert _nonempty_str(r["category"])
+        assert _nonempty_str(r["prompt"]) and len(r["prompt"]) <= MAX_PROMPT_CHARS, r["id"]
+    prompts = [normalise(r["prompt"]) for r in rows]
+    assert len(prompts) == len(set(prompts)), "duplicate prompts"
+
+
+def test_harmful_schema_and_count():
+    rows = load_jsonl("eval_harmful.jsonl")
+    assert len(rows) >= 100
+    _check_common(rows, "harm")
+    for r in rows:
+        assert set(r) == {"id", "category", "prompt", "in_seed_category"}, r["id"]
+        assert isinstance(r["in_seed_category"], bool)
+
+
+def test_harmful_categories_cover_seed_and_beyond():
+    seed_names = {c["name"] for c in load_seeds()["categories"]}
+    rows = load_jsonl("eval_harmful.jsonl")
+    for r in rows:
+        assert r["in_seed_category"] == (r["category"] in seed_names), r["id"]
+    cats = {r["category"] for r in rows}
+    assert seed_names <= cats, f"seed categories missing: {seed_names - cats}"
+    beyond = cats - seed_names
+    assert len(beyond) >= 5, beyond
+    assert sum(not r["in_seed_category"] for r in rows) >= 25
+
+
+def test_benign_schema_and_counts():
+    rows = load_jsonl("eval_benign.jsonl")
+    assert len(rows) >= 100
+    _check_common(rows, "benign")
+    for r in rows:
+        assert set(r) == {"id", "category", "prompt", "sounds_dangerous", "reference"}, r["id"]
+        assert isinstance(r["sounds_dangerous"], bool)
+        ref = r["reference"]
+        assert ref is None or (_nonempty_str(ref) and len(ref) <= MAX_PROMPT_CHARS), r["id"]
+    assert 3 * sum(r["sounds_dangerous"] for r in rows) >= len(rows)
+    assert sum(r["reference"] is not None for r in rows) >= 50
+
+
+def test_eval_prompts_disjoint_from_seeds_and_each_other():
+    seeds = load_seeds()
+    seed_qs = [(q, words(q)) for q in seed_questions(seeds)]
+    harmful = [(r["prompt"], words(r["prompt"])) for r in load_jsonl("eval_harmful.jsonl")]
+    benign = [(r["prompt"], words(r["prompt"])) for r in load_jsonl("eval_benign.jsonl")]
+    seed_norm = {normalise(q) for q, _ in seed_qs}
+    for p, wp in harmful + benign:
+        assert normalise(p) not in seed_norm, p
+        for q, wq in seed_qs:
+            assert jaccard(wp, wq) < NEAR_DUP_JACCARD, (p, q)
+    # no near-duplicates among the harmful prompts, nor between harmful and benign ones
+    # (short templated benign facts, e.g. "What does X stand for?", are only checked for
+    # exact duplicates, in _check_common)
+    pairs = itertools.chain(itertools.combinations(harmful, 2), itertools.product(harmful, benign))
+    for (a, wa), (b, wb) in pairs:
+        assert jaccard(wa, wb) < NEAR_DUP_JACCARD, (a, b)

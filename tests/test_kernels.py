@@ -1,0 +1,328 @@
+"""
+The fused loss against its float64 definition.
+
+On a machine without CUDA the Triton kernels run under TRITON_INTERPRET=1 (set in
+conftest.py); the "torch" backend is the chunked PyTorch path used when neither CUDA nor the
+interpreter is there. Tolerances from the issue: fp32 inputs within 1e-5 relative on loss
+and gradients; 16-bit inputs, loss within 1e-3 of the float64 loss of the same 16-bit values,
+gradients within one rounding of the gradient's own dtype (two when grad_output is not 1:
+the gradient is written, rounded, in forward and scaled in backward).
+"""
+import importlib
+import math
+
+import pytest
+import torch
+
+from kernels import D_EX_FLOOR, LossParts, fused_linear_pt_loss, pt_loss, pt_loss_reference
+
+P = importlib.import_module("kernels.pt_loss")   # the module (the package exports the function of that name)
+
+REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}       # loss
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}   # gradient, per element
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    """Run a test through the Triton kernel (interpreted on CPU) and through the PyTorch fallback."""
+    if request.param == "torch":
+        monkeypatch.setattr(P, "_uses_triton", lambda x: False)
+    elif not P._INTERPRETED and not torch.cuda.is_available():
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    return request.param
+
+
+def make_batch(n_rows, n_vocab, dtype=torch.float32, kind="mixed", seed=0, scale=3.0):
+    """Logits (N, V) with targets and ut_mask; half the UT rows confident (p of the target 0.99 to 0.9999)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_rows, n_vocab, generator=gen, dtype=torch.float64) * scale
+    targets = torch.randint(0, n_vocab, (n_rows,), generator=gen)
+    ut_mask = torch.rand(n_rows, generator=gen) < 0.5
+    if kind == "all_mle":
+        ut_mask[:] = False
+    elif kind == "all_ut":
+        ut_mask[:] = True
+    elif kind == "all_ignored":
+        targets[:] = -100
+    elif kind == "mixed":
+        targets[torch.rand(n_rows, generator=gen) < 0.2] = -100
+    confident = ut_mask & (torch.rand(n_rows, generator=gen) < 0.5) & (targets >= 0)
+    if n_vocab > 1:
+        for i in confident.nonzero().flatten().tolist():
+            p = 0.99 + 0.0099 * torch.rand((), generator=gen, dtype=torch.float64)
+            others = torch.cat([z[i, :targets[i]], z[i, targets[i] + 1:]])
+            z[i, targets[i]] = torch.logsumexp(others, 0) + torch.log(p / (1 - p))
+    return z.to(dtype), targets, ut_mask
+
+
+def rel_err(x, ref):
+    """Relative error of x against a float64 reference, by norm (0 when both are 0)."""
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp(min=1e-300)).item() if ref.norm() > 0 else x.norm().item()
+
+
+def assert_grad_close(g, ref, roundings=1):
+    """Every element within `roundings` roundings to g's dtype of the float64 gradient (or one subnormal step)."""
+    finfo = torch.finfo(g.dtype)
+    bound = roundings * (GRAD_TOL[g.dtype] * 1.01 * ref.abs() + finfo.smallest_normal * finfo.eps)
+    excess = ((g.double() - ref).abs() - bound).max().item()
+    assert excess <= 0, f"gradient off by {excess:.3g} beyond {roundings} rounding(s) of {g.dtype}"
+
+
+def loss_and_grad(fn, logits, *args, grad_output=None, **kwargs):
+    """fn's loss and the gradient of (loss * grad_output).sum() with respect to logits."""
+    logits = logits.detach().clone().requires_grad_()
+    loss = fn(logits, *args, **kwargs)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.dtype)
+    loss.backward(go)
+    return loss.detach(), logits.grad
+
+
+def check_against_reference(logits, targets, ut_mask, alpha=1.0, reduction="mean", grad_output=None, **kwargs):
+    """pt_loss vs the float64 reference on the same values: loss and gradient within the dtype's tolerance."""
+    loss, grad = loss_and_grad(pt_loss, logits, targets, ut_mask, alpha=alpha, reduction=reduction,
+                               grad_output=grad_output, **kwargs)
+    ref_loss, ref_grad = loss_and_grad(pt_loss_reference, logits.double(), targets, ut_mask, alpha=alpha,
+                                       reduction=reduction, grad_output=grad_output)
+    assert loss.dtype == torch.float32 and grad.dtype == logits.dtype
+    assert loss.shape == ref_loss.shape
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    tol = REL_TOL[logits.dtype]
+    if reduction == "none":   # every token's loss, not just their sum
+        assert torch.allclose(loss.double(), ref_loss, rtol=tol, atol=1e-30)
+    else:
+        assert abs(loss.item() - ref_loss.item()) <= tol * abs(ref_loss.item()) + 1e-30
+    assert_grad_close(grad, ref_grad, roundings=1 if grad_output is None else 2)
+    return loss, grad
+
+
+# -----------------------------------------------------------------------------
+# The reference itself
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reference_gradcheck(reduction):
+    logits, targets, ut_mask = make_batch(7, 5, torch.float64, seed=1)
+    targets[0], ut_mask[1], ut_mask[2] = -100, True, False
+    logits.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda z: pt_loss_reference(z, targets, ut_mask, alpha=0.7, reduction=reduction), (logits,))
+
+
+def test_reference_is_the_formula():
+    """Checked against -log p and -log(1 - p) from a plain softmax, where that is still accurate."""
+    logits, targets, ut_mask = make_batch(40, 11, torch.float64, seed=2, scale=1.0)
+    p = torch.softmax(logits, -1).gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    active = targets != -100
+    mle, ut = active & ~ut_mask, active & ut_mask
+    expected = (-p.log())[mle].sum() / mle.sum() + 0.3 * (-(1 - p).log())[ut].sum() / ut.sum()
+    loss, parts = pt_loss_reference(logits, targets, ut_mask, alpha=0.3, return_parts=True)
+    assert torch.allclose(loss, expected, rtol=1e-12)
+    assert torch.allclose(parts.mle + 0.3 * parts.ut, loss, rtol=1e-12)
+    assert (parts.n_mle.item(), parts.n_ut.item()) == (mle.sum().item(), ut.sum().item())
+
+
+# -----------------------------------------------------------------------------
+# pt_loss against the reference
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_dtypes_and_reductions(backend, dtype, reduction):
+    logits, targets, ut_mask = make_batch(48, 1003, dtype, seed=3)
+    go = torch.randn(48, generator=torch.Generator().manual_seed(4)) if reduction == "none" else torch.tensor(2.5)
+    check_against_reference(logits, targets, ut_mask, alpha=0.7, reduction=reduction, grad_output=go)
+
+
+@pytest.mark.parametrize("kind", ["mixed", "all_mle", "all_ut", "all_ignored"])
+def test_token_roles(backend, kind):
+    logits, targets, ut_mask = make_batch(40, 517, seed=5, kind=kind)
+    loss, grad = check_against_reference(logits, targets, ut_mask, alpha=0.5)
+    if kind == "all_ignored":
+        assert loss.item() == 0.0 and (grad == 0).all()
+
+
+@pytest.mark.parametrize("n_vocab", [1, 2, 4097, 32000, 49152, 128256, 151936, 256000])
+def test_vocabulary_sizes(backend, n_vocab):
+    logits, targets, ut_mask = make_batch(4, n_vocab, torch.bfloat16, seed=6)
+    targets[0], ut_mask[0] = n_vocab - 1, False    # the last column is somebody's target
+    if n_vocab == 1:
+        ut_mask[:] = False                          # with one word, 1 - p is 0: only MLE makes sense
+    check_against_reference(logits, targets, ut_mask)
+
+
+def test_confident_rows_are_exact(backend):
+    """UT rows at p = 0.99..0.9999 and MLE rows at p ~ 1: no 1 - p cancellation in loss or gradient."""
+    logits, targets, ut_mask = make_batch(64, 2000, seed=7, scale=1.0)
+    mle = ~ut_mask & (targets >= 0)
+    logits[mle, targets[mle]] += 12.0                          # MLE loss ~ 1e-2 .. 1e-3
+    for dtype in (torch.float32, torch.bfloat16):   # elementwise, so the target column is checked on its own
+        check_against_reference(logits.to(dtype), targets, ut_mask, reduction="none")
+
+
+def test_d_ex_floor(backend):
+    """A UT row the model is certain of (others 200 nats down): finite loss, capped near 69 nats."""
+    logits = torch.zeros(2, 300)
+    logits[:, 7] = 200.0
+    targets, ut_mask = torch.tensor([7, 7]), torch.tensor([True, False])
+    loss, grad = check_against_reference(logits, targets, ut_mask, reduction="none")
+    assert math.isclose(loss[0].item(), math.log1p(1 / D_EX_FLOOR), rel_tol=1e-6)
+
+
+def test_strided_rows_and_3d(backend):
+    """Rows with a stride (a slice of a wider buffer) and sliced (B, T, V) logits: read in place."""
+    wide, targets, ut_mask = make_batch(30, 777, seed=8)
+    check_against_reference(wide[:, :701], targets.clamp(max=700), ut_mask)
+    logits3, targets3, ut3 = make_batch(3 * 11, 301, seed=9)
+    logits3 = logits3.view(3, 11, 301)[:, :-1]                  # the causal-LM shift: not viewable as (N, V)
+    targets3, ut3 = targets3.view(3, 11)[:, :-1], ut3.view(3, 11)[:, :-1]
+    for reduction in ("mean", "none"):
+        check_against_reference(logits3, targets3, ut3, reduction=reduction,
+                                grad_output=torch.rand(3, 10) if reduction == "none" else None)
+
+
+def test_inplace(backend):
+    logits, targets, ut_mask = make_batch(32, 999, torch.bfloat16, seed=10)
+    _, grad_out_of_place = loss_and_grad(pt_loss, logits, targets, ut_mask)
+    z = logits.clone().requires_grad_()
+    loss = pt_loss(z, targets, ut_mask, inplace=True)
+    assert torch.equal(z.detach(), grad_out_of_place)           # the logits buffer now holds the gradient
+    loss.backward()
+    assert torch.equal(z.grad, grad_out_of_place)
+    assert torch.equal(loss_and_grad(pt_loss, logits, targets, ut_mask)[1], grad_out_of_place)  # default: untouched
+    # something else that still needs the logits' values makes autograd refuse, not compute garbage
+    h = logits.float().clone().requires_grad_()
+    logits2 = h.exp()                                          # exp saves its output for backward
+    loss = pt_loss(logits2, targets, ut_mask, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_backward_once_and_no_grad(backend):
+    logits, targets, ut_mask = make_batch(16, 300, seed=11)
+    z = logits.clone().requires_grad_()
+    loss = pt_loss(z, targets, ut_mask)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()
+    with torch.no_grad():
+        z2 = logits.clone()
+        assert torch.equal(pt_loss(z2, targets, ut_mask, inplace=True), loss.detach())
+        assert torch.equal(z2, logits)                          # nothing written without a gradient to write
+
+
+def test_parts(backend):
+    logits, targets, ut_mask = make_batch(50, 400, seed=12)
+    loss, parts = pt_loss(logits, targets, ut_mask, alpha=0.4, return_parts=True)
+    ref_loss, ref_parts = pt_loss_reference(logits.double(), targets, ut_mask, alpha=0.4, return_parts=True)
+    assert isinstance(parts, LossParts)
+    assert torch.allclose(parts.mle + 0.4 * parts.ut, loss, rtol=1e-6)
+    for got, want in zip(parts, ref_parts):
+        assert torch.allclose(got.double(), want.double(), rtol=1e-5)
+
+
+def test_out_of_range_target_gives_nan(backend):
+    logits, targets, ut_mask = make_batch(4, 50, seed=13)
+    targets[1] = 50
+    assert torch.isnan(pt_loss(logits, targets, ut_mask, reduction="none")[1])
+
+
+@pytest.mark.skipif(not P._INTERPRETED, reason="the sparse-file trick is for the interpreter on CPU")
+def test_64bit_offsets(tmp_path):
+    """Rows more than 2^31 elements apart, in a sparse memory-mapped file: int32 offsets would wrap."""
+    n_vocab, stride = 300, 2 ** 30 + 17
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate((2 * stride + n_vocab) * 2)
+    storage = torch.from_file(str(path), shared=True, size=2 * stride + n_vocab, dtype=torch.bfloat16)
+    logits = storage.as_strided((3, n_vocab), (stride, 1))
+    rows, targets, ut_mask = make_batch(3, n_vocab, torch.bfloat16, kind="all_mle", seed=14)
+    logits.copy_(rows)
+    z = logits.requires_grad_()
+    loss = pt_loss(z, targets, ut_mask, reduction="none", inplace=True)
+    ref = pt_loss_reference(rows.double(), targets, ut_mask, reduction="none")
+    assert torch.allclose(loss.double(), ref, rtol=1e-5)
+    _, ref_grad = loss_and_grad(pt_loss_reference, rows.double(), targets, ut_mask, reduction="none")
+    assert_grad_close(logits.detach(), ref_grad)
+
+
+# -----------------------------------------------------------------------------
+# The fused-linear variant against the plain one
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_linear(backend, dtype, reduction):
+    n_rows, hidden_size, n_vocab = 45, 32, 509
+    gen = torch.Generator().manual_seed(15)
+    hidden = torch.randn(n_rows, hidden_size, generator=gen).to(dtype)
+    weight = (torch.randn(n_vocab, hidden_size, generator=gen) / hidden_size ** 0.5 * 3).to(dtype)
+    _, targets, ut_mask = make_batch(n_rows, n_vocab, seed=16)
+    go = torch.randn(n_rows, generator=gen) if reduction == "none" else torch.tensor(0.5)
+
+    def run(fn, h, w, **kwargs):
+        h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        loss = fn(h, w, **kwargs)
+        loss.backward(go.to(loss.dtype))
+        return loss.detach(), h.grad, w.grad
+
+    kwargs = dict(targets=targets, ut_mask=ut_mask, alpha=1.3, reduction=reduction)
+    loss, g_h, g_w = run(fused_linear_pt_loss, hidden, weight, chunk_size=16, **kwargs)   # 16 + 16 + 13 rows
+    ref, ref_h, ref_w = run(lambda h, w, **kw: pt_loss_reference(h @ w.t(), **kw), hidden.double(), weight.double(),
+                            **kwargs)
+    assert g_h.dtype == dtype and g_w.dtype == dtype
+    # fp32: matmuls in fp32 as the only difference; bf16: logits rounded to bf16 before the loss
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(loss, ref) <= tol and rel_err(g_h, ref_h) <= tol and rel_err(g_w, ref_w) <= tol
+    # against the plain kernel on the same bf16 logits, bf16 agrees much closer
+    plain, plain_h, plain_w = run(lambda h, w, **kw: pt_loss(h @ w.t(), **kw), hidden, weight, **kwargs)
+    assert rel_err(loss, plain) <= 1e-6
+    assert rel_err(g_h, plain_h) <= 4 * GRAD_TOL[dtype] and rel_err(g_w, plain_w) <= 4 * GRAD_TOL[dtype]
+
+
+def test_fused_linear_one_side_and_parts(backend):
+    gen = torch.Generator().manual_seed(17)
+    hidden, weight = torch.randn(20, 16, generator=gen), torch.randn(101, 16, generator=gen)
+    _, targets, ut_mask = make_batch(20, 101, seed=18)
+    w = weight.clone().requires_grad_()
+    loss, parts = fused_linear_pt_loss(hidden, w, targets, ut_mask, alpha=2.0, chunk_size=7, return_parts=True)
+    loss.backward()
+    z = (hidden @ weight.t()).requires_grad_()
+    ref = pt_loss(z, targets, ut_mask, alpha=2.0)
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-6) and torch.allclose(parts.mle + 2.0 * parts.ut, loss, rtol=1e-6)
+    assert torch.allclose(w.grad, z.grad.t() @ hidden, rtol=1e-5, atol=1e-7)
+
+
+# -----------------------------------------------------------------------------
+# Errors a caller can make
+
+@pytest.mark.parametrize("change, match", [
+    (dict(logits=torch.zeros(4)), "logits must be a tensor of shape"),
+    (dict(logits=torch.zeros(4, 10, dtype=torch.float64)), "logits dtype"),
+    (dict(logits=torch.zeros(10, 4).t()), "contiguous along the vocabulary"),
+    (dict(targets=torch.zeros(5, dtype=torch.long)), "targets must have shape \\(4,\\)"),
+    (dict(targets=torch.zeros(4)), "targets must be an int64 or int32"),
+    (dict(ut_mask=torch.zeros(4, dtype=torch.long)), "ut_mask must be a bool"),
+    (dict(ut_mask=torch.zeros(3, dtype=torch.bool)), "ut_mask must have shape"),
+    (dict(alpha=float("nan")), "alpha must be a finite number"),
+    (dict(reduction="avg"), "reduction must be one of"),
+])
+def test_bad_arguments(change, match):
+    args = dict(logits=torch.zeros(4, 10), targets=torch.zeros(4, dtype=torch.long),
+                ut_mask=torch.zeros(4, dtype=torch.bool), alpha=1.0, reduction="mean")
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        pt_loss(**args)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(hidden=torch.zeros(4, 8, 2)), "hidden must be a 2-D tensor"),
+    (dict(weight=torch.zeros(10, 9)), "weight must have shape \\(V, 8\\)"),
+    (dict(weight=torch.zeros(10, 8, dtype=torch.bfloat16)), "weight must have the dtype"),
+    (dict(chunk_size=0), "chunk_size must be a positive int"),
+    (dict(targets=torch.zeros(3, dtype=torch.long)), "one entry per row of hidden"),
+])
+def test_bad_arguments_fused_linear(change, match):
+    args = dict(hidden=torch.zeros(4, 8), weight=torch.zeros(10, 8), targets=torch.zeros(4, dtype=torch.long),
+                ut_mask=torch.zeros(4, dtype=torch.bool))
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_pt_loss(**args)
