@@ -47,6 +47,39 @@ def prefill(model: Transformer, tokens, valid, cache):
     return model(tokens, valid, cache)[:, -1]
 
 
+def shared_prefix_len(prompt_ids: list[list[int]], min_len: int = 16) -> int:
+    """Length of the prefix all prompts share (a system prompt, few-shot turns), or 0 if short.
+
+    Each row keeps at least one token of its own, so every row has a last position to
+    predict from.
+    """
+    if len(prompt_ids) < 2:
+        return 0
+    n = min(len(p) for p in prompt_ids) - 1
+    first = prompt_ids[0]
+    for i in range(n):
+        if any(p[i] != first[i] for p in prompt_ids[1:]):
+            n = i
+            break
+    return n if n >= min_len else 0
+
+
+def prefill_shared(model: Transformer, prefix: list[int], cache):
+    """Fill the first slots of every row's cache with one shared prefix, computed once.
+
+    Prompts that start the same way (few-shot exemplars) then cost one prefill of the
+    prefix instead of B. Each row's own part follows, left-padded after the prefix: the
+    padding sits mid-row, which the per-row positions and mask already allow.
+    """
+    one = model.new_cache(1, len(prefix))
+    model(torch.tensor([prefix], device=cache.valid.device), None, one)
+    for layer in range(len(cache.k)):
+        cache.k[layer][:, :, :len(prefix)] = one.k[layer]
+        cache.v[layer][:, :, :len(prefix)] = one.v[layer]
+    cache.valid[:, :len(prefix)] = True
+    cache.length = len(prefix)
+
+
 def decode_one(model: Transformer, token, cache):
     """One step: feed one token per row (B,), get the logits of the next one (B, V)."""
     return model(token[:, None], None, cache)[:, -1]
@@ -61,13 +94,16 @@ def generate_ids(model: Transformer, prompt_ids: list[list[int]], stop_ids, pad_
     on_token(row, token_id) is called as each token is accepted, for streaming.
     """
     device = model.embed_tokens.weight.device
-    tokens, valid = left_pad(prompt_ids, pad_id, device)
+    P = shared_prefix_len(prompt_ids)
+    tokens, valid = left_pad([p[P:] for p in prompt_ids], pad_id, device)
     B, T = tokens.shape
-    cache = model.new_cache(B, T + max_new_tokens)
+    cache = model.new_cache(B, P + T + max_new_tokens)
     stop = torch.tensor(sorted(set(stop_ids)), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n_new = torch.full((B,), max_new_tokens, device=device)  # tokens kept per row
     out = []
+    if P:
+        prefill_shared(model, prompt_ids[0][:P], cache)
     logits = prefill(model, tokens, valid, cache)
     for step in range(max_new_tokens):
         nxt = sample(logits, temperature, top_p, generator)
@@ -141,14 +177,22 @@ def token_logprobs(model: Transformer, seqs: list[list[int]], batch_size: int = 
 
 @torch.inference_mode()
 def next_token_logprobs(model: Transformer, seqs: list[list[int]], batch_size: int = 8) -> torch.Tensor:
-    """log-softmax over the vocabulary of the token after each sequence: (N, V), fp32 on CPU."""
+    """log-softmax over the vocabulary of the token after each sequence: (N, V), fp32 on CPU.
+
+    A prefill without decoding; a prefix shared by a batch (a few-shot judge prompt) is
+    computed once, as in generation.
+    """
     device = model.embed_tokens.weight.device
     out = []
-    for start in range(0, len(seqs), batch_size):
-        batch = seqs[start:start + batch_size]
-        h = model.hidden_states(right_pad(batch, 0, device))
-        last = h[torch.arange(len(batch)), torch.tensor([len(s) - 1 for s in batch])]  # (B, dim)
-        out.append(torch.log_softmax((last @ model.lm_head_weight.T).float(), dim=-1).cpu())
+    with torch.inference_mode():
+        for start in range(0, len(seqs), batch_size):
+            batch = seqs[start:start + batch_size]
+            P = shared_prefix_len(batch)
+            tokens, valid = left_pad([s[P:] for s in batch], 0, device)
+            cache = model.new_cache(len(batch), P + tokens.shape[1])
+            if P:
+                prefill_shared(model, batch[0][:P], cache)
+            out.append(torch.log_softmax(prefill(model, tokens, valid, cache).float(), dim=-1).cpu())
     return torch.cat(out)
 
 

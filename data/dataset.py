@@ -87,7 +87,7 @@ def spans_to_token_mask(offsets, spans) -> list[bool]:
 
 
 def load_records(path) -> list[dict]:
-    """Records of a dual-dataset JSONL file, each checked for the keys training needs."""
+    """Kept records of a dual-dataset JSONL file, each checked for the keys training needs."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: dataset file does not exist.")
@@ -99,6 +99,10 @@ def load_records(path) -> list[dict]:
             r = json.loads(line)
         except json.JSONDecodeError as e:
             raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg}).") from None
+        if not isinstance(r, dict):
+            raise DatasetError(f"{path}:{n}: expected a JSON object per line.")
+        if r.get("kept") is False:
+            continue  # dropped by the pipeline's self-check; kept in the file for resuming and reading
         for key, kind in (("question", str), ("positive", str), ("toxic", str), ("spans", list)):
             if not isinstance(r.get(key), kind):
                 raise DatasetError(f"{path}:{n}: key {key!r} is missing or not a {kind.__name__}.")
@@ -109,7 +113,7 @@ def load_records(path) -> list[dict]:
                 raise DatasetError(f"{path}:{n}: span {s!r} is not [start, end) inside the toxic response.")
         records.append(r)
     if not records:
-        raise DatasetError(f"{path}: dataset is empty.")
+        raise DatasetError(f"{path}: dataset has no usable (kept) record.")
     return records
 
 

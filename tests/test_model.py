@@ -149,6 +149,19 @@ def test_cached_greedy_equals_uncached_left_padded(case, tmp_path):
         assert generate_ids(model, [p], stop_ids=[], pad_id=0, max_new_tokens=24)[0] == cached[i]
 
 
+def test_shared_prefix_prefill_equals_uncached(tmp_path):
+    """Prompts with a common start (few-shot turns) share one prefill; decoding must not change."""
+    from generate import shared_prefix_len
+    tiny("llama").save_pretrained(tmp_path)
+    model = Transformer.from_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(1, VOCAB, (20,), generator=g).tolist()
+    prompts = [prefix + torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (1, 6, 3)]
+    assert shared_prefix_len(prompts) == 20
+    cached = generate_ids(model, prompts, stop_ids=[], pad_id=0, max_new_tokens=16)
+    assert cached == greedy_uncached(model, prompts, 16)
+
+
 def test_uncached_padded_equals_unpadded(tmp_path):
     tiny("llama").save_pretrained(tmp_path)
     model = Transformer.from_pretrained(tmp_path)

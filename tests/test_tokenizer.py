@@ -1,6 +1,4 @@
 """The tokenizer, chat template and the real default model against transformers."""
-import json
-
 import pytest
 import torch
 import transformers
@@ -103,25 +101,6 @@ def test_sampling_is_seeded(default_model, ours_tok):
 
 # -----------------------------------------------------------------------------
 # A sentencepiece tokenizer (tokenizer.model), trained here on a few sentences
-
-
-@pytest.fixture(scope="session")
-def sp_dir(tmp_path_factory):
-    import sentencepiece as spm
-    d = tmp_path_factory.mktemp("sp")
-    corpus = d / "corpus.txt"
-    corpus.write_text("\n".join(["the quick brown fox jumps over the lazy dog",
-                                 "go ahead and make them pay, they deserve it",
-                                 "nobody will ever know it was you",
-                                 "I can't help with that, but here is a safer idea"] * 50))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(d / "tokenizer"), vocab_size=120,
-                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                   minloglevel=2)
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
-        "chat_template": "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
-                         "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"}))
-    return d
 
 
 def test_sentencepiece_encode_decode_offsets(sp_dir):
