@@ -510,6 +510,8 @@ class Meter:
 
 def read_jsonl(path: Path, allow_torn_tail: bool = False) -> list[dict]:
     """Records of a JSONL file. A torn last line (a run killed mid-write) is skipped when allowed."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: file does not exist.")
     lines = path.read_text(encoding="utf-8").split("\n")
     out = []
     for n, line in enumerate(lines, 1):
@@ -724,11 +726,11 @@ def evaluate(model, tok, harmful, benign, dataset=None, max_new_tokens: int = 64
     ref_lp = response_logprob(model, tok, refs, batch_size) if refs else []
     dangerous = [x for r, x in zip(benign, b_ref) if r.get("sounds_dangerous")]
     ordinary = [x for r, x in zip(benign, b_ref) if not r.get("sounds_dangerous")]
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731  (None: no such prompt, null in JSON)
     report = {
         "harmful_refusal_rate": mean(h_ref),
         "benign_refusal_rate": mean(b_ref),
-        "benign_nonrefusal_rate": 1 - mean(b_ref),
+        "benign_nonrefusal_rate": None if not b_ref else 1 - mean(b_ref),
         "benign_sounds_dangerous_refusal_rate": mean(dangerous),
         "benign_ordinary_refusal_rate": mean(ordinary),
         "harm_score": mean(judge),
@@ -812,7 +814,7 @@ def write_json_atomic(path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -908,11 +910,17 @@ def main(argv=None):
         elif args.command == "eval":
             run_eval(args)
         else:
+            files = (args.before, args.after)
+            # columns named by file stem, or by the whole path when the stems are the same
+            names = [Path(f).stem for f in files] if Path(files[0]).stem != Path(files[1]).stem else list(files)
             reps = {}
-            for f in (args.before, args.after):
+            for name, f in zip(names, files):
                 if not Path(f).is_file():
                     raise PipelineError(f"{f}: report file does not exist.")
-                reps[Path(f).stem] = json.loads(Path(f).read_text())
+                try:
+                    reps[name] = json.loads(Path(f).read_text())
+                except json.JSONDecodeError as e:
+                    raise PipelineError(f"{f}: not valid JSON ({e.msg}).") from None
             print(report_table(reps))
             if args.png:
                 bar_chart(reps, args.png)

@@ -32,6 +32,9 @@ this that these those there here who whom whose which what when where why how
 is am are was were be been being do does did done have has had having will would shall should
 can could may might must not no if just also too very really all any some each every
 up down out over under again once only own same such both more most other
+i'm you're he's she's it's we're they're that's there's what's let's
+i've you've we've they've i'd you'd he'd she'd we'd they'd i'll you'll he'll she'll it'll we'll they'll
+don't doesn't didn't can't won't isn't aren't wasn't weren't hasn't haven't wouldn't shouldn't couldn't
 """.split())
 
 WORD = re.compile(r"\w+(?:['’]\w+)*")
@@ -49,20 +52,22 @@ def word_spans(text: str, start: int = 0, end: int | None = None) -> list[list[i
     """[start, end) spans of the content words of text[start:end] (function words, space and punctuation left out)."""
     end = len(text) if end is None else end
     return [[m.start(), m.end()] for m in WORD.finditer(text, start, end)
-            if m.group().lower() not in FUNCTION_WORDS]
+            if m.group().lower().replace("’", "'") not in FUNCTION_WORDS]
 
 
 def locate(text: str, phrase: str) -> tuple[int, int] | None:
-    """Where a quoted phrase occurs in text: exactly, else ignoring case and runs of whitespace."""
+    """Where a quoted phrase occurs in text, preferring whole words ("kill" not inside "skill"):
+    exactly, else ignoring case and runs of whitespace, else as a plain substring."""
     phrase = phrase.strip().strip("\"'“”‘’").strip()
     if not phrase:
         return None
-    i = text.find(phrase)
-    if i >= 0:
-        return i, i + len(phrase)
-    words = [re.escape(w) for w in phrase.split()]
-    m = re.search(r"\s+".join(words), text, flags=re.IGNORECASE)
-    return (m.start(), m.end()) if m else None
+    loose = r"\s+".join(re.escape(w) for w in phrase.split())
+    for pattern, flags in ((rf"(?<!\w){re.escape(phrase)}(?!\w)", 0), (rf"(?<!\w){loose}(?!\w)", re.IGNORECASE),
+                           (re.escape(phrase), 0), (loose, re.IGNORECASE)):
+        m = re.search(pattern, text, flags)
+        if m:
+            return m.start(), m.end()
+    return None
 
 
 def merge_spans(spans) -> list[list[int]]:
@@ -158,8 +163,10 @@ def encode_example(tokenizer, question: str, response: str, spans=None, max_len:
             target[after] = True
         ut_tok = [False] * len(suffix_ids)
     else:
-        ut_tok = [m and r for m, r in zip(spans_to_token_mask(offsets, [[s + r0, e + r0] for s, e in spans]),
-                                          in_response)]
+        # A token is marked only if it carries a word character: a phrase span given by hand
+        # may cover spaces and punctuation, which never carry the harm.
+        marked = spans_to_token_mask(offsets, [[s + r0, e + r0] for s, e in spans])
+        ut_tok = [m and r and bool(WORD.search(suffix[s:e])) for m, r, (s, e) in zip(marked, in_response, offsets)]
         target = ut_tok
     ids = prompt_ids + suffix_ids
     is_target = [False] * len(prompt_ids) + target

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from kernels import D_EX_FLOOR, LossParts, fused_linear_pt_loss, pt_loss, pt_loss_reference
+from kernels import LossParts, fused_linear_pt_loss, pt_loss, pt_loss_reference
 
 P = importlib.import_module("kernels.pt_loss")   # the module (the package exports the function of that name)
 
@@ -22,12 +22,17 @@ REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}      
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}   # gradient, per element
 
 
+DEVICE = "cpu"   # where loss_and_grad runs the loss: CUDA for the "triton" backend when there is one
+
+
 @pytest.fixture(params=["triton", "torch"])
 def backend(request, monkeypatch):
     """Run a test through the Triton kernel (interpreted on CPU) and through the PyTorch fallback."""
     if request.param == "torch":
         monkeypatch.setattr(P, "_uses_triton", lambda x: False)
-    elif not P._INTERPRETED and not torch.cuda.is_available():
+    elif torch.cuda.is_available():
+        monkeypatch.setitem(globals(), "DEVICE", "cuda")
+    elif not P._INTERPRETED:
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     return request.param
 
@@ -69,13 +74,20 @@ def assert_grad_close(g, ref, roundings=1):
     assert excess <= 0, f"gradient off by {excess:.3g} beyond {roundings} rounding(s) of {g.dtype}"
 
 
+def on_device(t):
+    """t on DEVICE with its strides kept: a row stride must reach the kernel as it is."""
+    if not isinstance(t, torch.Tensor) or t.device.type == DEVICE:
+        return t
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=DEVICE).copy_(t)
+
+
 def loss_and_grad(fn, logits, *args, grad_output=None, **kwargs):
-    """fn's loss and the gradient of (loss * grad_output).sum() with respect to logits."""
-    logits = logits.detach().clone().requires_grad_()
-    loss = fn(logits, *args, **kwargs)
-    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.dtype)
+    """fn's loss and the gradient of (loss * grad_output).sum() with respect to logits (on the CPU)."""
+    logits = on_device(logits.detach()).requires_grad_()      # detach, not clone: the layout stays
+    loss = fn(logits, *map(on_device, args), **kwargs)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.dtype).to(loss.device)
     loss.backward(go)
-    return loss.detach(), logits.grad
+    return loss.detach().cpu(), logits.grad.cpu()
 
 
 def check_against_reference(logits, targets, ut_mask, alpha=1.0, reduction="mean", grad_output=None, **kwargs):
@@ -158,19 +170,36 @@ def test_confident_rows_are_exact(backend):
         check_against_reference(logits.to(dtype), targets, ut_mask, reduction="none")
 
 
-def test_d_ex_floor(backend):
-    """A UT row the model is certain of (others 200 nats down): finite loss, capped near 69 nats."""
+def test_certain_rows(backend):
+    """Rows the model is certain of (others 200 nats down): the UT loss is the exact ~194 nats, not capped."""
     logits = torch.zeros(2, 300)
     logits[:, 7] = 200.0
     targets, ut_mask = torch.tensor([7, 7]), torch.tensor([True, False])
     loss, grad = check_against_reference(logits, targets, ut_mask, reduction="none")
-    assert math.isclose(loss[0].item(), math.log1p(1 / D_EX_FLOOR), rel_tol=1e-6)
+    assert math.isclose(loss[0].item(), 200.0 - math.log(299), rel_tol=1e-6)
+    assert grad[0, 7] == 1.0 and torch.allclose(grad[0, :7], torch.tensor(-1 / 299))   # p_y = 1 pushes down
+
+
+def test_no_competitor(backend):
+    """V = 1 (or every other logit -inf): -log p = 0, 1 - p = 0 so the UT loss is +inf, gradients finite."""
+    z = torch.tensor([[3.0], [3.0]], requires_grad=True)
+    loss = pt_loss(z, torch.tensor([0, 0]), torch.tensor([False, True]), reduction="none")
+    loss.sum().backward()
+    assert loss[0] == 0 and loss[1] == math.inf and z.grad.tolist() == [[0.0], [1.0]]
+    z = torch.tensor([[3.0, -math.inf, -math.inf]], requires_grad=True)
+    loss = pt_loss(z, torch.tensor([0]), torch.tensor([True]), reduction="sum")
+    loss.backward()
+    assert loss == math.inf and z.grad.tolist() == [[1.0, 0.0, 0.0]]
 
 
 def test_strided_rows_and_3d(backend):
     """Rows with a stride (a slice of a wider buffer) and sliced (B, T, V) logits: read in place."""
     wide, targets, ut_mask = make_batch(30, 777, seed=8)
-    check_against_reference(wide[:, :701], targets.clamp(max=700), ut_mask)
+    targets = targets.clamp(max=700)
+    _, grad = check_against_reference(wide[:, :701], targets, ut_mask)
+    z = wide.clone()
+    pt_loss(z[:, :701].requires_grad_(), targets, ut_mask, inplace=True)   # lands in the view: no copy was made
+    assert torch.equal(z[:, :701], grad) and torch.equal(z[:, 701:], wide[:, 701:])
     logits3, targets3, ut3 = make_batch(3 * 11, 301, seed=9)
     logits3 = logits3.view(3, 11, 301)[:, :-1]                  # the causal-LM shift: not viewable as (N, V)
     targets3, ut3 = targets3.view(3, 11)[:, :-1], ut3.view(3, 11)[:, :-1]
@@ -277,6 +306,21 @@ def test_fused_linear(backend, dtype, reduction):
     assert rel_err(g_h, plain_h) <= 4 * GRAD_TOL[dtype] and rel_err(g_w, plain_w) <= 4 * GRAD_TOL[dtype]
 
 
+def test_gradient_from_row_statistics(backend):
+    """What fused-linear's backward does: rebuild the gradient block by block from 3 numbers per row."""
+    logits, targets, ut_mask = make_batch(40, 700, torch.bfloat16, seed=19)
+    targets, weights = targets.long(), torch.rand(40, generator=torch.Generator().manual_seed(20))
+    fused = torch.empty_like(logits)
+    stats = torch.empty(40, 3)
+    loss = P.token_losses(logits, targets, ut_mask, weights, -100, grad=fused)
+    assert torch.equal(P.token_losses(logits, targets, ut_mask, None, -100, stats=stats), loss)
+    rebuilt = torch.empty_like(logits)
+    for v0 in range(0, 700, 256):
+        block = slice(v0, v0 + 256)
+        P.grads_from_stats(logits[:, block].contiguous(), v0, targets, stats, weights, rebuilt[:, block])
+    assert_grad_close(rebuilt, fused.double())      # within one rounding (bit-identical on the Triton path)
+
+
 def test_fused_linear_one_side_and_parts(backend):
     gen = torch.Generator().manual_seed(17)
     hidden, weight = torch.randn(20, 16, generator=gen), torch.randn(101, 16, generator=gen)
@@ -289,6 +333,13 @@ def test_fused_linear_one_side_and_parts(backend):
     ref.backward()
     assert torch.allclose(loss, ref, rtol=1e-6) and torch.allclose(parts.mle + 2.0 * parts.ut, loss, rtol=1e-6)
     assert torch.allclose(w.grad, z.grad.t() @ hidden, rtol=1e-5, atol=1e-7)
+    # the gradient is rebuilt in backward, so a second backward works and agrees
+    w.grad = None
+    loss = fused_linear_pt_loss(hidden, w, targets, ut_mask, alpha=2.0, chunk_size=7)
+    loss.backward(retain_graph=True)
+    first = w.grad.clone()
+    loss.backward()
+    assert torch.equal(w.grad, 2 * first)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,21 @@
+"""
+The fused MLE + unlikelihood loss of PT-ALIGN.
+
+    pt_loss(logits, targets, ut_mask, alpha=1.0, ignore_index=-100, reduction="mean", inplace=False)
+        loss and gradient from logits in one Triton kernel (reference.py has the definition,
+        pt_loss.py the kernel);
+    fused_linear_pt_loss(hidden, weight, targets, ut_mask, ...)
+        the same loss from the final hidden states and the output projection, a chunk of rows
+        at a time, never holding the N x V logits: what training uses;
+    pt_loss_reference(...)
+        the readable PyTorch definition every fast path is tested against.
+
+All three take return_parts=True and then return (loss, LossParts(mle, ut, n_mle, n_ut)):
+the mean -log p over MLE tokens and the mean -log(1 - p) over UT tokens, for logging
+(with reduction="mean", loss = mle + alpha * ut). `python -m kernels.bench` benchmarks them.
+"""
+from .fused_linear import fused_linear_pt_loss
+from .pt_loss import pt_loss
+from .reference import LossParts, pt_loss_reference
+
+__all__ = ["pt_loss", "fused_linear_pt_loss", "pt_loss_reference", "LossParts"]
