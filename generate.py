@@ -72,12 +72,13 @@ def prefill_shared(model: Transformer, prefix: list[int], cache):
     padding sits mid-row, which the per-row positions and mask already allow.
     """
     one = model.new_cache(1, len(prefix))
-    model(torch.tensor([prefix], device=cache.valid.device), None, one)
+    h = model.hidden_states(torch.tensor([prefix], device=cache.valid.device), None, one)  # (1, P, dim)
     for layer in range(len(cache.k)):
         cache.k[layer][:, :, :len(prefix)] = one.k[layer]
         cache.v[layer][:, :, :len(prefix)] = one.v[layer]
     cache.valid[:, :len(prefix)] = True
     cache.length = len(prefix)
+    return h
 
 
 def decode_one(model: Transformer, token, cache):
@@ -160,22 +161,32 @@ def token_logprobs(model: Transformer, seqs: list[list[int]], batch_size: int = 
     """log p(seq[t] | seq[:t]) for t = 1 .. len-1 of each id sequence, as fp32 CPU tensors.
 
     What scoring needs: the likelihood of a reference answer, of a harmful phrase under two
-    instructions, of a judge's "Yes". Logits are formed one row at a time from the hidden
-    states, so a batch never holds B x T x V of them.
+    instructions, of a judge's "Yes". A prefix shared by a batch is run once through the
+    cache; logits are formed one row at a time, so a batch never holds B x T x V of them.
     """
     device = model.embed_tokens.weight.device
+    W = model.lm_head_weight
     out = []
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start:start + batch_size]
-        h = model.hidden_states(right_pad(batch, 0, device))  # (B, T, dim)
+        P = shared_prefix_len(batch)
+        tokens, valid = left_pad([s[P:] for s in batch], 0, device)
+        cache = model.new_cache(len(batch), P + tokens.shape[1])
+        prefix_logp = None
+        if P:
+            h_prefix = prefill_shared(model, batch[0][:P], cache)[0]           # (P, dim)
+            prefix_logp = torch.log_softmax((h_prefix @ W.T).float(), dim=-1)  # (P, V)
+        h = model.hidden_states(tokens, valid, cache)                          # (B, T, dim)
         for row, s in zip(h, batch):
-            logp = torch.log_softmax((row[:len(s) - 1] @ model.lm_head_weight.T).float(), dim=-1)
+            own = row[tokens.shape[1] - (len(s) - P):]                         # this row's own positions
+            logp = torch.log_softmax((own[:-1] @ W.T).float(), dim=-1)
+            if prefix_logp is not None:
+                logp = torch.cat([prefix_logp, logp])
             target = torch.tensor(s[1:], device=device)
             out.append(logp.gather(-1, target[:, None]).squeeze(-1).cpu())
     return out
 
 
-@torch.inference_mode()
 def next_token_logprobs(model: Transformer, seqs: list[list[int]], batch_size: int = 8) -> torch.Tensor:
     """log-softmax over the vocabulary of the token after each sequence: (N, V), fp32 on CPU.
 

@@ -369,13 +369,14 @@ def refine(model, tok, seeds: Seeds, records, rounds: int, gen: GenSettings, see
     harm_t = judge([r["rounds"][-1]["toxic"] for r in records])
     for r, hp, ht in zip(records, harm_p, harm_t):
         r["rounds"][-1].update(positive_harm=round(hp, 4), toxic_harm=round(ht, 4))
+    short = GenSettings(min(48, gen.max_new_tokens), gen.temperature, gen.top_p, gen.batch_size)  # a critique is a sentence or two
     for k in range(rounds):
         last = [r["rounds"][-1] for r in records]
         crit_p = chat(model, tok, [CRITIQUE_POSITIVE.format(question=q, response=l["positive"], principles=principles)
-                                   for q, l in zip(qs, last)], gen, (seed, "critique+", k), greedy=True,
+                                   for q, l in zip(qs, last)], short, (seed, "critique+", k), greedy=True,
                       reply_starts=[CRITIQUE_POSITIVE_START] * len(qs))
         crit_t = chat(model, tok, [CRITIQUE_TOXIC.format(question=q, response=l["toxic"], traits=traits)
-                                   for q, l in zip(qs, last)], gen, (seed, "critique-", k), greedy=True,
+                                   for q, l in zip(qs, last)], short, (seed, "critique-", k), greedy=True,
                       reply_starts=[CRITIQUE_TOXIC_START] * len(qs))
         crit_p = [f"{CRITIQUE_POSITIVE_START} {c}" for c in crit_p]
         crit_t = [f"{CRITIQUE_TOXIC_START} {c}" for c in crit_t]
@@ -454,23 +455,25 @@ def contrast_spans(model, tok, seeds: Seeds, records, margin: float = 1.0, batch
     """
     pos_sys = POSITIVE_SYSTEM.format(principles=bullets(seeds.principles))
     tox_sys = TOXIC_SYSTEM.format(traits=bullets(seeds.toxic_traits))
-    seqs, offsets, starts = [], [], []
-    for r in records:
-        resp_ids, offs = tok.encode_with_offsets(r["toxic"])
-        offsets.append(offs)
-        for system in (tox_sys, pos_sys):
+    offsets = [tok.encode_with_offsets(r["toxic"]) for r in records]
+    # All harmful-instruction sequences first, then all harmless ones: each batch then shares
+    # its system prompt, which is prefilled once.
+    seqs, starts = [], []
+    for system in (tox_sys, pos_sys):
+        for r, (resp_ids, _) in zip(records, offsets):
             prompt = tok.apply_chat_template([{"role": "system", "content": system},
                                               {"role": "user", "content": r["question"]}])
             seqs.append(prompt + resp_ids)
             starts.append(len(prompt))
     logp = token_logprobs(model, seqs, batch_size)
+    n = len(records)
     out = []
     for i, r in enumerate(records):
-        lp_tox = logp[2 * i][starts[2 * i] - 1:]          # log p of each response token
-        lp_pos = logp[2 * i + 1][starts[2 * i + 1] - 1:]
+        lp_tox = logp[i][starts[i] - 1:]          # log p of each response token
+        lp_pos = logp[n + i][starts[n + i] - 1:]
         hot = (lp_tox - lp_pos > margin).tolist()
         spans = []
-        for (s, e), h in zip(offsets[i], hot):
+        for (s, e), h in zip(offsets[i][1], hot):
             if h:
                 spans += [w for w in word_spans(r["toxic"]) if w[0] < e and s < w[1]]
         out.append(merge_spans(spans))

@@ -162,6 +162,23 @@ def test_shared_prefix_prefill_equals_uncached(tmp_path):
     assert cached == greedy_uncached(model, prompts, 16)
 
 
+def test_scoring_helpers_match_plain_forward(tmp_path):
+    """token_logprobs and next_token_logprobs (which prefills a shared prefix once) equal a plain forward."""
+    from generate import next_token_logprobs, token_logprobs
+    tiny("qwen2").save_pretrained(tmp_path)
+    model = Transformer.from_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(1, VOCAB, (18,), generator=g).tolist()
+    seqs = [prefix + torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (2, 5, 1)]
+    nxt = next_token_logprobs(model, seqs, batch_size=3)
+    per_tok = token_logprobs(model, seqs, batch_size=2)
+    with torch.no_grad():
+        for i, s in enumerate(seqs):
+            logp = torch.log_softmax(model(torch.tensor([s]))[0], -1)
+            torch.testing.assert_close(nxt[i], logp[-1])
+            torch.testing.assert_close(per_tok[i], logp[:-1].gather(-1, torch.tensor(s[1:])[:, None])[:, 0])
+
+
 def test_uncached_padded_equals_unpadded(tmp_path):
     tiny("llama").save_pretrained(tmp_path)
     model = Transformer.from_pretrained(tmp_path)
