@@ -565,6 +565,9 @@ def run_generate(args, model=None, tok=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"PT-ALIGN generate: {seeds.count()} seed annotations, {args.questions} questions, "
           f"{args.rounds} rounds -> {out}" + (f" (resuming: {len(done)} done)" if done else ""), file=sys.stderr)
+    if len(done) >= args.questions:
+        # Finished before: nothing to recompute (the settings were checked above).
+        return report_summary(summarize(list(done.values())), out)
     questions, qstats = generate_questions(model, tok, seeds, args.questions, gen, args.seed, args.dedup_threshold,
                                            log=lambda s: print(s, file=sys.stderr))
     meter = Meter(len(questions))
@@ -596,7 +599,11 @@ def run_generate(args, model=None, tok=None) -> dict:
                 meter.done += 1
             print(meter.line(timing), file=sys.stderr)
     records = [done[q["id"]] for q in questions if q["id"] in done]
-    summary = summarize(records, qstats)
+    return report_summary(summarize(records, qstats), out)
+
+
+def report_summary(summary: dict, out) -> dict:
+    """Print the summary; stop with a clear message when nothing usable was produced."""
     print(format_summary(summary), file=sys.stderr)
     if summary["kept"] == 0:
         raise PipelineError(f"{out}: the model produced no usable record (every sample was dropped: "
