@@ -1,0 +1,50 @@
+"""The PNG charts: eval bars, loss curves and the kernel benchmark plot are real PNG files.
+
+matplotlib is optional for the product (not a runtime dependency) and installed for tests.
+"""
+import pytest
+
+import ptalign
+import train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPORT = {"harmful_refusal_rate": 0.2, "benign_refusal_rate": 0.05, "benign_sounds_dangerous_refusal_rate": 0.1,
+          "harm_score": 0.4}
+
+
+def test_eval_bar_chart(tmp_path):
+    path = tmp_path / "eval.png"
+    assert ptalign.bar_chart({"before": REPORT, "after": {**REPORT, "harmful_refusal_rate": 0.6}}, path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_loss_curve_png(tmp_path):
+    path = tmp_path / "loss.png"
+    metrics = [{"step": i, "loss": 2.0 / i, "mle": 1.5 / i, "ut": 0.5 / i} for i in range(1, 6)]
+    train.plot_losses(metrics, path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_charts_without_matplotlib_say_so(tmp_path, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert not ptalign.bar_chart({"a": REPORT}, tmp_path / "x.png")
+    train.plot_losses([{"step": 1, "loss": 1.0, "mle": 1.0, "ut": 0.0}], tmp_path / "y.png")
+    err = capsys.readouterr().err
+    assert err.count("needs matplotlib") == 2
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+def test_kernel_bench_png(tmp_path):
+    from kernels.bench import write_png
+    rows = [{"method": m, "n": n, "v": v, "ms": ms} for m, ms in (("eager", 3.0), ("ptalign", 1.0))
+            for n in (4096, 8192) for v in (32000, 128256)]
+    write_png(rows, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
