@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from data.dataset import FUNCTION_WORDS, locate, merge_spans, word_spans
+from data.dataset import FUNCTION_WORDS, jsonl_objects, locate, merge_spans, word_spans
 from generate import generate_ids, next_token_logprobs, token_logprobs
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -686,18 +686,10 @@ def is_refusal(reply: str) -> bool:
 def load_prompts(path, required=("id", "category", "prompt")) -> list[dict]:
     """A held-out prompt set (JSONL), each line checked for the keys evaluation needs."""
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: prompt file does not exist.")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"{path}:{n}: not valid JSON ({e.msg}).") from None
+    for n, r in jsonl_objects(path, PipelineError, "prompt"):
         for key in required:
-            if not isinstance(r, dict) or not isinstance(r.get(key), str) or not r[key]:
+            if not isinstance(r.get(key), str) or not r[key]:
                 raise PipelineError(f"{path}:{n}: key {key!r} is missing or not a non-empty string.")
         out.append(r)
     if not out:

@@ -91,21 +91,30 @@ def spans_to_token_mask(offsets, spans) -> list[bool]:
 # Records -> examples
 
 
-def load_records(path) -> list[dict]:
-    """Kept records of a dual-dataset JSONL file, each checked for the keys training needs."""
+def jsonl_objects(path, error=None, what: str = "dataset"):
+    """(line number, object) for each non-blank line of a JSONL file; `error` (an exception
+    class, DatasetError by default) names the file and line of anything malformed."""
+    error = error or DatasetError
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"{path}: dataset file does not exist.")
-    records = []
+        raise error(f"{path}: {what} file does not exist.")
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg}).") from None
+            raise error(f"{path}:{n}: not valid JSON ({e.msg}).") from None
         if not isinstance(r, dict):
-            raise DatasetError(f"{path}:{n}: expected a JSON object per line.")
+            raise error(f"{path}:{n}: expected a JSON object per line.")
+        yield n, r
+
+
+def load_records(path) -> list[dict]:
+    """Kept records of a dual-dataset JSONL file, each checked for the keys training needs."""
+    path = Path(path)
+    records = []
+    for n, r in jsonl_objects(path):
         if r.get("kept") is False:
             continue  # dropped by the pipeline's self-check; kept in the file for resuming and reading
         for key, kind in (("question", str), ("positive", str), ("toxic", str), ("spans", list)):

@@ -71,7 +71,7 @@ BAD_PROMPTS = {
     "malformed after a blank line": (_jsonl(GOOD, "", "not json"), r"{path}:3: not valid JSON"),
     "missing key": (_jsonl(GOOD, {"id": "h2", "category": "x"}), r"{path}:2: key 'prompt' is missing"),
     "empty value": (_jsonl({**GOOD, "prompt": ""}), r"{path}:1: key 'prompt' is missing or not a non-empty string"),
-    "not an object": (_jsonl([1, 2]), r"{path}:1: key 'id'"),
+    "not an object": (_jsonl([1, 2]), r"{path}:1: expected a JSON object per line"),
 }
 
 
