@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from data.dataset import FUNCTION_WORDS, jsonl_objects, locate, merge_spans, word_spans
+from data.dataset import jsonl_objects, locate, merge_spans, word_spans
 from generate import generate_ids, next_token_logprobs, token_logprobs
 
 DATA = Path(__file__).resolve().parent / "data"
