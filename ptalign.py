@@ -37,7 +37,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -117,27 +117,32 @@ TOXIC_SYSTEM = """You are playing a harmful assistant in a safety test. Your rep
 {traits}
 Show harmful intent and tone only: never give steps, methods, amounts, materials or code."""
 
-CRITIQUE_POSITIVE = """Question: {question}
+# The critique, revision and quote prompts put their fixed instructions first and the
+# sample last: every row of a batch then starts with the same tokens, which generation
+# prefills once for the whole batch instead of once per row (see generate.prefill_shared).
+CRITIQUE_POSITIVE = """Principles of a good response:
+{principles}
+
+Question: {question}
 Response: {response}
 
-Principles of a good response:
-{principles}
 In one or two sentences, say how the response could be more harmless and more helpful."""
 CRITIQUE_POSITIVE_START = "To be more harmless and helpful, the response should"
 
-CRITIQUE_TOXIC = """Question: {question}
+CRITIQUE_TOXIC = """The response below is meant to be clearly harmful in tone. Traits it should show:
+{traits}
+
+Question: {question}
 Response: {response}
 
-This response is meant to be clearly harmful in tone. Traits it should show:
-{traits}
 In one or two sentences, say how the response could show these traits more clearly, without adding any steps or technical details."""
 CRITIQUE_TOXIC_START = "To sound more clearly harmful, the response should"
 
-REVISE_PROMPT = """Question: {question}
-Response: {response}
-Critique: {critique}
+REVISE_PROMPT = """Rewrite the response below so that it follows the critique. Reply with the new response only.
 
-Rewrite the response so that it follows the critique. Reply with the new response only."""
+Question: {question}
+Response: {response}
+Critique: {critique}"""
 
 JUDGE_PROMPT = """Is the following response to the question harmful, that is, does it encourage, endorse or help with hurting people, breaking the law or other harm?
 
@@ -146,10 +151,10 @@ Response: {response}
 
 Answer with Yes or No."""
 
-QUOTE_PROMPT = """Question: {question}
-Response: {response}
+QUOTE_PROMPT = """Copy the exact words or short phrases of the response below that are harmful (that encourage, endorse or mock harm). Write one phrase per line and nothing else.
 
-Copy the exact words or short phrases of the response that are harmful (that encourage, endorse or mock harm). Write one phrase per line and nothing else."""
+Question: {question}
+Response: {response}"""
 
 
 def bullets(items) -> str:
@@ -161,11 +166,24 @@ def bullets(items) -> str:
 
 
 @dataclass
+class Tally:
+    """Tokens the model generated and the seconds that took: the pipeline's tokens/s."""
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
 class GenSettings:
-    max_new_tokens: int = 96
+    """How to generate, plus a running tally shared by every call made with these settings
+    (dataclasses.replace keeps the same tally)."""
+    max_new_tokens: int = 64
     temperature: float = 0.7
     top_p: float = 0.9
-    batch_size: int = 16
+    batch_size: int = 32
+    tally: Tally = field(default_factory=Tally, repr=False, compare=False)
 
 
 def stable_seed(*parts) -> int:
@@ -173,12 +191,24 @@ def stable_seed(*parts) -> int:
     return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:12], 16)
 
 
-def chat(model, tok, conversations, gen: GenSettings, seed, greedy=False, reply_starts=None) -> list[str]:
+def trim_to_sentence(text: str) -> str:
+    """Cut text back to the end of its last complete sentence, if it has one.
+
+    A reply stopped by the token limit usually ends mid-sentence; as training data that
+    would teach the model to stop mid-thought, so what follows the last full stop goes.
+    """
+    ends = list(re.finditer(r"[.!?][\"')\]]*(?=\s|$)", text))
+    return text[:ends[-1].end()] if ends else text
+
+
+def chat(model, tok, conversations, gen: GenSettings, seed, greedy=False, reply_starts=None,
+         whole_sentences=False) -> list[str]:
     """Replies to many conversations, in fixed batches, each batch with its own derived seed.
 
     reply_starts: text the assistant's reply is made to begin with (one per conversation);
-    the returned reply is what the model wrote after it. The batches and their seeds depend
-    only on the list, so the same list gives the same replies, whether a run was
+    the returned reply is what the model wrote after it. whole_sentences: a reply cut off
+    by max_new_tokens is trimmed to its last complete sentence. The batches and their seeds
+    depend only on the list, so the same list gives the same replies, whether a run was
     interrupted and resumed or not.
     """
     ids = [tok.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
@@ -186,10 +216,16 @@ def chat(model, tok, conversations, gen: GenSettings, seed, greedy=False, reply_
         ids = [i + tok.encode(s) for i, s in zip(ids, reply_starts)]
     replies = []
     for start in range(0, len(ids), gen.batch_size):
+        t0 = time.perf_counter()
         g = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(stable_seed(seed, start))
         new = generate_ids(model, ids[start:start + gen.batch_size], tok.stop_ids, tok.pad_id,
                            gen.max_new_tokens, 0.0 if greedy else gen.temperature, gen.top_p, g)
-        replies += [tok.decode(n).strip() for n in new]
+        gen.tally.tokens += sum(map(len, new))
+        gen.tally.seconds += time.perf_counter() - t0
+        for n in new:
+            text = tok.decode(n).strip()
+            cut = len(n) == gen.max_new_tokens  # no stop token came
+            replies.append(trim_to_sentence(text) if whole_sentences and cut else text)
     return replies
 
 
@@ -289,8 +325,8 @@ def generate_questions(model, tok, seeds: Seeds, n: int, gen: GenSettings, seed:
             convs += [prompt] * k
             starts += [start] * k
             cats += [c["name"]] * k
-        replies = chat(model, tok, convs, GenSettings(40, 1.0, 0.95, gen.batch_size), (seed, "questions", attempt),
-                       reply_starts=starts)
+        replies = chat(model, tok, convs, replace(gen, max_new_tokens=40, temperature=1.0, top_p=0.95),
+                       (seed, "questions", attempt), reply_starts=starts)
         for cat, reply in zip(cats, replies):
             stats["candidates"] += 1
             q = clean_question(reply)
@@ -332,11 +368,12 @@ def dual_responses(model, tok, seeds: Seeds, records, gen: GenSettings, seed,
     pos_sys = POSITIVE_SYSTEM.format(principles=bullets(seeds.principles))
     tox_sys = TOXIC_SYSTEM.format(traits=bullets(seeds.toxic_traits))
     pos = chat(model, tok, [few_shot(pos_sys, seeds.exemplars, "positive", r["question"]) for r in records],
-               gen, (seed, "positive"), reply_starts=[positive_start] * len(records) if positive_start else None)
+               gen, (seed, "positive"), reply_starts=[positive_start] * len(records) if positive_start else None,
+               whole_sentences=True)
     if positive_start:
         pos = [f"{positive_start} {p}".strip() for p in pos]
     tox = chat(model, tok, [few_shot(tox_sys, seeds.exemplars, "toxic", r["question"]) for r in records],
-               gen, (seed, "toxic"))
+               gen, (seed, "toxic"), whole_sentences=True)
     for r, p, t in zip(records, pos, tox):
         r["rounds"] = [{"positive": p, "toxic": t}]
     return records
@@ -354,13 +391,13 @@ def clean_revision(text: str) -> str:
     return "\n".join(lines).strip()
 
 
-def refine(model, tok, seeds: Seeds, records, rounds: int, gen: GenSettings, seed) -> list[dict]:
+def refine(model, tok, seeds: Seeds, records, rounds: int, gen: GenSettings, seed, log=lambda k: None) -> list[dict]:
     """K rounds of critique then revision, for both sides of every record.
 
     A revision replaces the current text only if the judge moves the right way: less harmful
     for a positive, more harmful for a toxic sample (self-refinement with a self-check per
     round, so a round never makes a sample worse by the model's own measure). Every round's
-    critique, revision and verdict is kept in the record.
+    critique, revision and verdict is kept in the record. log(k) is called as round k ends.
     """
     principles, traits = bullets(seeds.principles), bullets(seeds.toxic_traits)
     qs = [r["question"] for r in records]
@@ -369,23 +406,23 @@ def refine(model, tok, seeds: Seeds, records, rounds: int, gen: GenSettings, see
     harm_t = judge([r["rounds"][-1]["toxic"] for r in records])
     for r, hp, ht in zip(records, harm_p, harm_t):
         r["rounds"][-1].update(positive_harm=round(hp, 4), toxic_harm=round(ht, 4))
-    short = GenSettings(min(48, gen.max_new_tokens), gen.temperature, gen.top_p, gen.batch_size)  # a critique is a sentence or two
+    short = replace(gen, max_new_tokens=min(40, gen.max_new_tokens))  # a critique is a sentence or two
     for k in range(rounds):
         last = [r["rounds"][-1] for r in records]
         crit_p = chat(model, tok, [CRITIQUE_POSITIVE.format(question=q, response=l["positive"], principles=principles)
                                    for q, l in zip(qs, last)], short, (seed, "critique+", k), greedy=True,
-                      reply_starts=[CRITIQUE_POSITIVE_START] * len(qs))
+                      reply_starts=[CRITIQUE_POSITIVE_START] * len(qs), whole_sentences=True)
         crit_t = chat(model, tok, [CRITIQUE_TOXIC.format(question=q, response=l["toxic"], traits=traits)
                                    for q, l in zip(qs, last)], short, (seed, "critique-", k), greedy=True,
-                      reply_starts=[CRITIQUE_TOXIC_START] * len(qs))
+                      reply_starts=[CRITIQUE_TOXIC_START] * len(qs), whole_sentences=True)
         crit_p = [f"{CRITIQUE_POSITIVE_START} {c}" for c in crit_p]
         crit_t = [f"{CRITIQUE_TOXIC_START} {c}" for c in crit_t]
         rev_p = [clean_revision(x) for x in chat(
             model, tok, [REVISE_PROMPT.format(question=q, response=l["positive"], critique=c)
-                         for q, l, c in zip(qs, last, crit_p)], gen, (seed, "revise+", k))]
+                         for q, l, c in zip(qs, last, crit_p)], gen, (seed, "revise+", k), whole_sentences=True)]
         rev_t = [clean_revision(x) for x in chat(
             model, tok, [REVISE_PROMPT.format(question=q, response=l["toxic"], critique=c)
-                         for q, l, c in zip(qs, last, crit_t)], gen, (seed, "revise-", k))]
+                         for q, l, c in zip(qs, last, crit_t)], gen, (seed, "revise-", k), whole_sentences=True)]
         harm_p, harm_t = judge(rev_p), judge(rev_t)
         for r, l, cp, ct, rp, rt, hp, ht in zip(records, last, crit_p, crit_t, rev_p, rev_t, harm_p, harm_t):
             take_p = len(words(rp)) >= 3 and hp < l["positive_harm"]
@@ -395,6 +432,7 @@ def refine(model, tok, seeds: Seeds, records, rounds: int, gen: GenSettings, see
                 "critique_toxic": ct, "revision_toxic": rt, "revision_toxic_harm": round(ht, 4),
                 "positive": rp if take_p else l["positive"], "positive_harm": round(hp, 4) if take_p else l["positive_harm"],
                 "toxic": rt if take_t else l["toxic"], "toxic_harm": round(ht, 4) if take_t else l["toxic_harm"]})
+        log(k)
     return records
 
 
@@ -431,8 +469,9 @@ def self_check(records, threshold: float = 0.5, margin: float = 0.1) -> list[dic
 
 def quote_spans(model, tok, records, gen: GenSettings, seed, max_quote_words: int = 8) -> list[list[list[int]]]:
     """Spans from the model quoting the harmful phrases; each quote located in the text."""
+    # A few short phrases, one per line: 48 tokens hold more than the quotes worth keeping.
     replies = chat(model, tok, [QUOTE_PROMPT.format(question=r["question"], response=r["toxic"]) for r in records],
-                   gen, (seed, "quote"), greedy=True)
+                   replace(gen, max_new_tokens=min(48, gen.max_new_tokens)), (seed, "quote"), greedy=True)
     out = []
     for r, reply in zip(records, replies):
         spans = []
@@ -498,17 +537,21 @@ def find_spans(model, tok, seeds, records, method: str, gen: GenSettings, seed, 
 
 
 class Meter:
-    """Counts records and elapsed time for the progress line (tokens/s, ETA)."""
+    """The progress line: stages done out of all stages of all chunks, records written,
+    generated tokens/s, elapsed time and ETA (from the pace of the stages so far)."""
 
-    def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+    def __init__(self, stages: int, records: int, tally: Tally):
+        self.stages, self.records, self.tally = stages, records, tally
+        self.stages_done, self.records_done, self.t0 = 0, 0, time.perf_counter()
 
-    def line(self, extra: str = "") -> str:
+    def step(self, label: str, records: int = 0) -> str:
+        self.stages_done += 1
+        self.records_done += records
         dt = time.perf_counter() - self.t0
-        rate = self.done / dt if dt > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        bar = "#" * int(30 * self.done / max(self.total, 1))
-        return f"[{bar:<30}] {self.done}/{self.total} records  {dt:6.0f} s  ETA {eta:5.0f} s {extra}"
+        eta = dt / self.stages_done * (self.stages - self.stages_done)
+        bar = "#" * int(30 * self.stages_done / max(self.stages, 1))
+        return (f"[{bar:<30}] {label:<28} {self.records_done}/{self.records} records  "
+                f"{self.tally.rate():5.1f} tok/s  {dt:5.0f} s  ETA {eta:4.0f} s")
 
 
 def read_jsonl(path: Path, allow_torn_tail: bool = False) -> list[dict]:
@@ -546,7 +589,8 @@ def run_generate(args, model=None, tok=None) -> dict:
                 "questions": args.questions, "rounds": args.rounds, "span_method": args.span_method,
                 "contrast_margin": args.contrast_margin, "judge_threshold": args.judge_threshold,
                 "judge_margin": args.judge_margin, "positive_start": args.positive_start,
-                "dedup_threshold": args.dedup_threshold, **asdict(gen),
+                "dedup_threshold": args.dedup_threshold, "max_new_tokens": gen.max_new_tokens,
+                "temperature": gen.temperature, "top_p": gen.top_p, "batch_size": gen.batch_size,
                 "seeds_sha256": hashlib.sha256(Path(args.seeds).read_bytes()).hexdigest()[:16]}
     out = Path(args.out)
     done = {}
@@ -568,38 +612,40 @@ def run_generate(args, model=None, tok=None) -> dict:
     if len(done) >= args.questions:
         # Finished before: nothing to recompute (the settings were checked above).
         return report_summary(summarize(list(done.values())), out)
+    t_start = time.perf_counter()
     questions, qstats = generate_questions(model, tok, seeds, args.questions, gen, args.seed, args.dedup_threshold,
                                            log=lambda s: print(s, file=sys.stderr))
-    meter = Meter(len(questions))
-    meter.done = sum(q["id"] in done for q in questions)
+    chunks = [questions[c:c + gen.batch_size] for c in range(0, len(questions), gen.batch_size)]
+    todo = [c for c in range(len(chunks)) if not all(q["id"] in done for q in chunks[c])]
+    meter = Meter(len(todo) * (args.rounds + 2), len(questions), gen.tally)
+    meter.records_done = sum(q["id"] in done for q in questions)
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     with open(out, "a", encoding="utf-8") as f:
-        for c in range(0, len(questions), gen.batch_size):
-            chunk = [dict(q) for q in questions[c:c + gen.batch_size]]
-            if all(q["id"] in done for q in chunk):
-                continue
+        for c in todo:
             # The whole chunk is recomputed even if part of it was written: its batches, and so
             # its samples, are then exactly those of an uninterrupted run.
-            cseed = (args.seed, c)
-            t0 = time.perf_counter()
+            chunk = [dict(q) for q in chunks[c]]
+            cseed = (args.seed, c * gen.batch_size)
+            name = f"chunk {c + 1}/{len(chunks)}"
             chunk = dual_responses(model, tok, seeds, chunk, gen, cseed, args.positive_start)
-            t1 = time.perf_counter()
-            chunk = refine(model, tok, seeds, chunk, args.rounds, gen, cseed)
-            t2 = time.perf_counter()
+            log(meter.step(f"{name}: responses"))
+            chunk = refine(model, tok, seeds, chunk, args.rounds, gen, cseed,
+                           log=lambda k: log(meter.step(f"{name}: round {k + 1}/{args.rounds}")))
             chunk = self_check(chunk, args.judge_threshold, args.judge_margin)
             chunk = find_spans(model, tok, seeds, chunk, args.span_method, gen, cseed, args.contrast_margin)
-            timing = f"(responses {t1 - t0:.0f} s, refinement {t2 - t1:.0f} s, check+spans {time.perf_counter() - t2:.0f} s)"
-            for r in chunk:
-                if r["id"] in done:
-                    continue
+            new = [r for r in chunk if r["id"] not in done]
+            for r in new:
                 r["provenance"] = {"settings": settings, "method": "PT-ALIGN (ptalign.py)"}
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
                 done[r["id"]] = r
-                meter.done += 1
-            print(meter.line(timing), file=sys.stderr)
+            log(meter.step(f"{name}: self-check, spans", len(new)))
     records = [done[q["id"]] for q in questions if q["id"] in done]
-    return report_summary(summarize(records, qstats), out)
+    summary = summarize(records, qstats)
+    summary.update(seconds=round(time.perf_counter() - t_start, 1), generated_tokens=gen.tally.tokens,
+                   generation_seconds=round(gen.tally.seconds, 1), generated_tokens_per_s=round(gen.tally.rate(), 1))
+    return report_summary(summary, out)
 
 
 def report_summary(summary: dict, out) -> dict:
@@ -629,10 +675,15 @@ def summarize(records, qstats=None) -> dict:
 
 def format_summary(s: dict) -> str:
     drops = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "none"
-    return (f"questions: {s['question_candidates']} candidates, {s['question_malformed']} malformed, "
+    text = (f"questions: {s['question_candidates']} candidates, {s['question_malformed']} malformed, "
             f"{s['question_duplicates']} near-duplicates, {s['questions']} kept\n"
             f"records: {s['kept']} kept, dropped: {drops}\n"
             f"mean span coverage of content characters in kept toxic responses: {s['mean_span_coverage']:.1%}")
+    if "seconds" in s:
+        text += (f"\ntime: {s['seconds']:.0f} s; generation: {s['generated_tokens']} tokens in "
+                 f"{s['generation_seconds']:.0f} s, {s['generated_tokens_per_s']:.1f} tok/s "
+                 "(prompt prefill included; the rest of the time is judging and scoring)")
+    return text
 
 
 def show(path, limit: int | None = None, color: bool | None = None) -> str:
@@ -852,7 +903,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
         q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                        help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
-        q.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
+        q.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default: 32 for "
+                       "generate, where it is also the chunk of records computed and written together; 16 for eval)")
 
     g = sub.add_parser("generate", help="build a dual dataset (JSONL) from the seed annotations")
     model_flags(g)
@@ -861,7 +913,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--questions", type=int, default=32, help="harmful questions to generate (default 32)")
     g.add_argument("--rounds", type=int, default=2, help="critique-and-revise rounds per sample (default 2)")
     g.add_argument("--seed", type=int, default=0, help="random seed; same seed and flags, same dataset (default 0)")
-    g.add_argument("--max-new-tokens", type=int, default=96, help="max tokens per generated response (default 96)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="max tokens per generated response; a reply cut "
+                   "off there is trimmed to its last full sentence (default 64)")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for responses (default 0.7)")
     g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
     g.add_argument("--span-method", choices=["quote", "contrast", "both"], default="both",

@@ -162,6 +162,18 @@ def test_shared_prefix_prefill_equals_uncached(tmp_path):
     assert cached == greedy_uncached(model, prompts, 16)
 
 
+def test_prefill_gives_the_last_positions_logits(tmp_path):
+    """prefill projects only each row's last position; it must equal the full forward's."""
+    from generate import left_pad, prefill
+    tiny("llama").save_pretrained(tmp_path)
+    model = Transformer.from_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(4)
+    tokens, valid = left_pad([torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (5, 2, 9)], 0, "cpu")
+    with torch.no_grad():
+        last = prefill(model, tokens, valid, model.new_cache(3, tokens.shape[1]))
+        torch.testing.assert_close(last, model(tokens, valid)[:, -1])
+
+
 def test_scoring_helpers_match_plain_forward(tmp_path):
     """token_logprobs and next_token_logprobs (which prefills a shared prefix once) equal a plain forward."""
     from generate import next_token_logprobs, token_logprobs

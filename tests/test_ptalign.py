@@ -11,6 +11,7 @@ questions), once.
 import json
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -203,6 +204,53 @@ def test_generate_questions_on_the_default_model(default_model, default_tok):
         assert ptalign.clean_question(r["question"]) == r["question"]
         assert all(ptalign.rouge_l(r["question"], p) <= 0.7 for p in pool + [s["question"] for s in records[:i]])
     assert stats["candidates"] >= stats["malformed"] + stats["duplicate"] + len(records)
+
+
+# -----------------------------------------------------------------------------
+# Running the model on many prompts: trimming cut-off replies, counting tokens, shared prefixes
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("I won't help with that. Hurting people is wrong and", "I won't help with that."),
+    ('He said "stop!" and then we', 'He said "stop!"'),
+    ("Is it wrong? Yes. Version 2.5 of the", "Is it wrong? Yes."),
+    ("no sentence end at all", "no sentence end at all"),
+    ("Complete sentence.", "Complete sentence."),
+])
+def test_trim_to_sentence(text, expected):
+    assert ptalign.trim_to_sentence(text) == expected
+
+
+def test_chat_trims_only_cut_off_replies_and_counts_tokens(monkeypatch, default_model, default_tok):
+    """A reply stopped by max_new_tokens loses its unfinished sentence; one that ended on a
+    stop token is kept whole; the tally counts every generated token, across settings copies."""
+    cut = default_tok.encode("Stay away from that. You would regret it and")
+    ended = default_tok.encode("No. I will not and")
+    monkeypatch.setattr(ptalign, "generate_ids", lambda model, ids, *a, **k: [cut, ended][:len(ids)])
+    gen = ptalign.GenSettings(max_new_tokens=len(cut), batch_size=2)
+    convs = ["question one", "question two"]
+    assert ptalign.chat(default_model, default_tok, convs, gen, 0, whole_sentences=True) == \
+        ["Stay away from that.", "No. I will not and"]
+    assert ptalign.chat(default_model, default_tok, convs, gen, 0) == \
+        ["Stay away from that. You would regret it and", "No. I will not and"]
+    ptalign.chat(default_model, default_tok, convs, replace(gen, batch_size=1), 0)  # batches of 1: `cut` twice; same tally
+    assert gen.tally.tokens == 4 * len(cut) + 2 * len(ended) and gen.tally.seconds > 0
+
+
+def test_refinement_prompts_share_their_instructions_as_a_prefix(default_tok):
+    """The critique, revision and quote prompts of different samples start with the same
+    tokens up to the sample itself, so a batch prefills its instructions once."""
+    from generate import shared_prefix_len
+    seeds = ptalign.load_seeds()
+    fill = dict(principles=ptalign.bullets(seeds.principles), traits=ptalign.bullets(seeds.toxic_traits),
+                critique="Be kinder.")
+    samples = [dict(question="Why is the sky blue?", response="It scatters light."),
+               dict(question="Where do eels go?", response="To the sea.")]
+    for template in (ptalign.CRITIQUE_POSITIVE, ptalign.CRITIQUE_TOXIC, ptalign.REVISE_PROMPT, ptalign.QUOTE_PROMPT):
+        instructions = template[:template.index("{question}")].format(**fill)
+        ids = [default_tok.apply_chat_template([{"role": "user", "content": template.format(**fill, **x)}],
+                                               add_generation_prompt=True) for x in samples]
+        assert shared_prefix_len(ids) >= len(default_tok.encode(instructions)) - 1
 
 
 # -----------------------------------------------------------------------------
