@@ -383,6 +383,18 @@ def dual_responses(model, tok, seeds: Seeds, records, gen: GenSettings, seed,
 # 4. Iterative refinement and the self-check
 
 
+# Words with which a reply talks about the task (the response, the critique, rewriting it)
+# instead of answering the question. A small model asked to revise often writes its critique
+# or its plan ("To make the response more direct, I will ...") in place of a new response,
+# and its own judge may even score that as "more harmful"; such text is never data.
+META_WORDS = ("response", "responses", "critique", "critiques", "rewrite", "rewritten", "rephrase",
+              "rephrased", "revise", "revised", "revision")
+
+
+def talks_about_task(text: str) -> bool:
+    return any(w in META_WORDS for w in words(text))
+
+
 def clean_revision(text: str) -> str:
     """Drop a leading "Here is the revised response:" line that small models like to write."""
     lines = text.strip().splitlines()
@@ -396,7 +408,8 @@ def refine(model, tok, seeds: Seeds, records, rounds: int, gen: GenSettings, see
 
     A revision replaces the current text only if the judge moves the right way: less harmful
     for a positive, more harmful for a toxic sample (self-refinement with a self-check per
-    round, so a round never makes a sample worse by the model's own measure). Every round's
+    round, so a round never makes a sample worse by the model's own measure); a revision that
+    talks about the task instead of answering is never taken. Every round's
     critique, revision and verdict is kept in the record. log(k) is called as round k ends.
     """
     principles, traits = bullets(seeds.principles), bullets(seeds.toxic_traits)
@@ -425,8 +438,8 @@ def refine(model, tok, seeds: Seeds, records, rounds: int, gen: GenSettings, see
                          for q, l, c in zip(qs, last, crit_t)], gen, (seed, "revise-", k), whole_sentences=True)]
         harm_p, harm_t = judge(rev_p), judge(rev_t)
         for r, l, cp, ct, rp, rt, hp, ht in zip(records, last, crit_p, crit_t, rev_p, rev_t, harm_p, harm_t):
-            take_p = len(words(rp)) >= 3 and hp < l["positive_harm"]
-            take_t = len(words(rt)) >= 3 and ht > l["toxic_harm"] and not is_refusal(rt)
+            take_p = len(words(rp)) >= 3 and hp < l["positive_harm"] and not talks_about_task(rp)
+            take_t = len(words(rt)) >= 3 and ht > l["toxic_harm"] and not is_refusal(rt) and not talks_about_task(rt)
             r["rounds"].append({
                 "critique_positive": cp, "revision_positive": rp, "revision_positive_harm": round(hp, 4),
                 "critique_toxic": ct, "revision_toxic": rt, "revision_toxic_harm": round(ht, 4),
@@ -451,6 +464,8 @@ def self_check(records, threshold: float = 0.5, margin: float = 0.1) -> list[dic
         reason = None
         if len(words(f["positive"])) < 3 or len(words(f["toxic"])) < 3:
             reason = "empty response"
+        elif talks_about_task(f["positive"]) or talks_about_task(f["toxic"]):
+            reason = "talks about the task instead of answering"
         elif f["positive_harm"] >= threshold:
             reason = "positive judged harmful"
         elif is_refusal(f["toxic"]):
@@ -536,20 +551,26 @@ def find_spans(model, tok, seeds, records, method: str, gen: GenSettings, seed, 
 # The generate stage: all of the above, in fixed chunks, appended to a JSONL file
 
 
+# Relative cost of the stages of a chunk, for the ETA (measured on the default model: a
+# refinement round, with its two critiques, two revisions and two judgements, costs about
+# three times the dual responses or the self-check and spans).
+STAGE_COST = {"responses": 1.0, "round": 3.0, "spans": 1.0}
+
+
 class Meter:
-    """The progress line: stages done out of all stages of all chunks, records written,
-    generated tokens/s, elapsed time and ETA (from the pace of the stages so far)."""
+    """The progress line: work done out of all stages of all chunks (weighted by STAGE_COST),
+    records written, generated tokens/s, elapsed time and ETA from the pace so far."""
 
-    def __init__(self, stages: int, records: int, tally: Tally):
-        self.stages, self.records, self.tally = stages, records, tally
-        self.stages_done, self.records_done, self.t0 = 0, 0, time.perf_counter()
+    def __init__(self, work: float, records: int, tally: Tally):
+        self.work, self.records, self.tally = work, records, tally
+        self.work_done, self.records_done, self.t0 = 0.0, 0, time.perf_counter()
 
-    def step(self, label: str, records: int = 0) -> str:
-        self.stages_done += 1
+    def step(self, label: str, stage: str, records: int = 0) -> str:
+        self.work_done += STAGE_COST[stage]
         self.records_done += records
         dt = time.perf_counter() - self.t0
-        eta = dt / self.stages_done * (self.stages - self.stages_done)
-        bar = "#" * int(30 * self.stages_done / max(self.stages, 1))
+        eta = dt / self.work_done * max(self.work - self.work_done, 0.0)
+        bar = "#" * int(30 * self.work_done / max(self.work, 1e-9))
         return (f"[{bar:<30}] {label:<28} {self.records_done}/{self.records} records  "
                 f"{self.tally.rate():5.1f} tok/s  {dt:5.0f} s  ETA {eta:4.0f} s")
 
@@ -617,7 +638,8 @@ def run_generate(args, model=None, tok=None) -> dict:
                                            log=lambda s: print(s, file=sys.stderr))
     chunks = [questions[c:c + gen.batch_size] for c in range(0, len(questions), gen.batch_size)]
     todo = [c for c in range(len(chunks)) if not all(q["id"] in done for q in chunks[c])]
-    meter = Meter(len(todo) * (args.rounds + 2), len(questions), gen.tally)
+    per_chunk = STAGE_COST["responses"] + args.rounds * STAGE_COST["round"] + STAGE_COST["spans"]
+    meter = Meter(len(todo) * per_chunk, len(questions), gen.tally)
     meter.records_done = sum(q["id"] in done for q in questions)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     with open(out, "a", encoding="utf-8") as f:
@@ -628,9 +650,9 @@ def run_generate(args, model=None, tok=None) -> dict:
             cseed = (args.seed, c * gen.batch_size)
             name = f"chunk {c + 1}/{len(chunks)}"
             chunk = dual_responses(model, tok, seeds, chunk, gen, cseed, args.positive_start)
-            log(meter.step(f"{name}: responses"))
+            log(meter.step(f"{name}: responses", "responses"))
             chunk = refine(model, tok, seeds, chunk, args.rounds, gen, cseed,
-                           log=lambda k: log(meter.step(f"{name}: round {k + 1}/{args.rounds}")))
+                           log=lambda k: log(meter.step(f"{name}: round {k + 1}/{args.rounds}", "round")))
             chunk = self_check(chunk, args.judge_threshold, args.judge_margin)
             chunk = find_spans(model, tok, seeds, chunk, args.span_method, gen, cseed, args.contrast_margin)
             new = [r for r in chunk if r["id"] not in done]
@@ -640,7 +662,7 @@ def run_generate(args, model=None, tok=None) -> dict:
                 f.flush()
                 os.fsync(f.fileno())
                 done[r["id"]] = r
-            log(meter.step(f"{name}: self-check, spans", len(new)))
+            log(meter.step(f"{name}: self-check, spans", "spans", len(new)))
     records = [done[q["id"]] for q in questions if q["id"] in done]
     summary = summarize(records, qstats)
     summary.update(seconds=round(time.perf_counter() - t_start, 1), generated_tokens=gen.tally.tokens,

@@ -254,6 +254,60 @@ def test_refinement_prompts_share_their_instructions_as_a_prefix(default_tok):
 
 
 # -----------------------------------------------------------------------------
+# Refinement and the self-check: which revisions are taken, which records are kept
+
+
+@pytest.mark.parametrize("text, meta", [
+    ("To make the response more direct, I will use a harsher tone.", True),
+    ("The critique aimed to address the flaw.", True),
+    ("I rephrased it to sound colder.", True),
+    ("Nobody will miss them, and you know it.", False),
+    ("I can't help with that, because it would hurt people.", False),
+])
+def test_talks_about_task(text, meta):
+    assert ptalign.talks_about_task(text) is meta
+
+
+def test_refine_takes_a_revision_only_when_it_improves_and_answers(monkeypatch):
+    """Positive revisions are taken when the judge finds them less harmful, toxic ones when
+    more harmful and not a refusal; a revision that talks about the task never is."""
+    harm = {"pos": 0.4, "tox": 0.6,
+            "a kinder refusal": 0.1, "a crueler taunt": 0.9,                                  # record 0: both taken
+            "the response should be kinder": 0.0, "a harsher response": 1.0,      # record 1: meta, never taken
+            "a worse positive": 0.7, "I can't help with that": 0.95}                      # record 2: worse / refusal
+    revisions = {"revise+": ["a kinder refusal", "the response should be kinder", "a worse positive"],
+                 "revise-": ["a crueler taunt", "a harsher response", "I can't help with that"]}
+
+    def chat(model, tok, convs, gen, seed, greedy=False, reply_starts=None, whole_sentences=False):
+        return revisions.get(seed[1], ["a critique."] * len(convs))
+    monkeypatch.setattr(ptalign, "chat", chat)
+    monkeypatch.setattr(ptalign, "judge_harm", lambda model, tok, qs, texts, *a: [harm[t] for t in texts])
+    records = [{"id": str(i), "question": "q?", "rounds": [{"positive": "pos", "toxic": "tox"}]} for i in range(3)]
+    out = ptalign.refine(None, None, ptalign.load_seeds(), records, 1, ptalign.GenSettings(), seed=0)
+    final = [(r["rounds"][-1]["positive"], r["rounds"][-1]["toxic"]) for r in out]
+    assert final == [("a kinder refusal", "a crueler taunt"), ("pos", "tox"), ("pos", "tox")]
+    assert [r["rounds"][-1]["toxic_harm"] for r in out] == [0.9, 0.6, 0.6]
+    assert out[1]["rounds"][-1]["revision_toxic"] == "a harsher response"  # kept for the record, not used
+
+
+@pytest.mark.parametrize("positive, toxic, p_harm, t_harm, reason", [
+    ("I can't help with that, it hurts people.", "Go ahead, they deserve it.", 0.2, 0.8, None),
+    ("I can't help with that, it hurts people.", "ok", 0.2, 0.8, "empty response"),
+    ("I can't help with that, it hurts people.", "Make the response harsher.", 0.2, 0.8,
+     "talks about the task instead of answering"),
+    ("Sure, here is how.", "Go ahead, they deserve it.", 0.6, 0.8, "positive judged harmful"),
+    ("I can't help with that, it hurts people.", "I'm sorry, I can't do that.", 0.2, 0.8, "toxic response refuses"),
+    ("I can't help with that, it hurts people.", "Go ahead, they deserve it.", 0.2, 0.25,
+     "toxic not judged more harmful than positive"),
+])
+def test_self_check_reasons(positive, toxic, p_harm, t_harm, reason):
+    r = {"rounds": [{"positive": positive, "toxic": toxic, "positive_harm": p_harm, "toxic_harm": t_harm}]}
+    [r] = ptalign.self_check([r], threshold=0.5, margin=0.1)
+    assert r["kept"] is (reason is None) and r.get("dropped") == reason
+    assert (r["positive"], r["toxic"]) == (positive, toxic)
+
+
+# -----------------------------------------------------------------------------
 # 5. Character spans
 
 
