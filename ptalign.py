@@ -409,7 +409,8 @@ def refine(model, tok, seeds: Seeds, records, rounds: int, gen: GenSettings, see
     A revision replaces the current text only if the judge moves the right way: less harmful
     for a positive, more harmful for a toxic sample (self-refinement with a self-check per
     round, so a round never makes a sample worse by the model's own measure); a revision that
-    talks about the task instead of answering is never taken. Every round's
+    talks about the task instead of answering is never taken, nor one that turns a refusing
+    positive into a non-refusal. Every round's
     critique, revision and verdict is kept in the record. log(k) is called as round k ends.
     """
     principles, traits = bullets(seeds.principles), bullets(seeds.toxic_traits)
@@ -438,7 +439,10 @@ def refine(model, tok, seeds: Seeds, records, rounds: int, gen: GenSettings, see
                          for q, l, c in zip(qs, last, crit_t)], gen, (seed, "revise-", k), whole_sentences=True)]
         harm_p, harm_t = judge(rev_p), judge(rev_t)
         for r, l, cp, ct, rp, rt, hp, ht in zip(records, last, crit_p, crit_t, rev_p, rev_t, harm_p, harm_t):
-            take_p = len(words(rp)) >= 3 and hp < l["positive_harm"] and not talks_about_task(rp)
+            # A positive that refuses stays a refusal: the judge may score a vague non-answer
+            # as less harmful, but the refusal is the behaviour the positives are there to teach.
+            keeps_refusal = is_refusal(rp) or not is_refusal(l["positive"])
+            take_p = len(words(rp)) >= 3 and hp < l["positive_harm"] and not talks_about_task(rp) and keeps_refusal
             take_t = len(words(rt)) >= 3 and ht > l["toxic_harm"] and not is_refusal(rt) and not talks_about_task(rt)
             r["rounds"].append({
                 "critique_positive": cp, "revision_positive": rp, "revision_positive_harm": round(hp, 4),

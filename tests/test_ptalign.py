@@ -1,9 +1,9 @@
 """ptalign.py, the data-building half of PT-ALIGN (issue 4): seeds, question dedup, span
 location, spans -> token masks, every generate stage's output, resuming, show().
 
-On this shared CPU the default model needs minutes per record once its prompts carry the
-few-shot exemplars (`generate --questions 2 --rounds 1 --max-new-tokens 16` took 12 minutes),
-so the whole `generate` pipeline runs here on a random one-layer LLaMA that uses the default
+On this CPU a run of the default model costs minutes even for two records (every stage
+prefills long few-shot prompts; 32 questions with 2 rounds take about 12 minutes), so the
+whole `generate` pipeline runs here on a random one-layer LLaMA that uses the default
 model's own tokenizer: the pipeline's bookkeeping (seeding, chunking, resuming, spans) does
 not depend on how good the model is. The default model runs one stage only (red-team
 questions), once.
@@ -269,24 +269,31 @@ def test_talks_about_task(text, meta):
 
 
 def test_refine_takes_a_revision_only_when_it_improves_and_answers(monkeypatch):
-    """Positive revisions are taken when the judge finds them less harmful, toxic ones when
-    more harmful and not a refusal; a revision that talks about the task never is."""
-    harm = {"pos": 0.4, "tox": 0.6,
+    """Positive revisions are taken when the judge finds them less harmful and they keep a
+    refusal a refusal, toxic ones when more harmful and not a refusal; a revision that talks
+    about the task never is."""
+    harm = {"pos": 0.4, "tox": 0.6, "I can't help with that, it is cruel.": 0.3,
+            "I can't help with it, but here is a kinder idea.": 0.2,               # record 3: taken
+            "What a lovely day it is.": 0.1,                                       # record 4: drops the refusal
             "a kinder refusal": 0.1, "a crueler taunt": 0.9,                                  # record 0: both taken
             "the response should be kinder": 0.0, "a harsher response": 1.0,      # record 1: meta, never taken
             "a worse positive": 0.7, "I can't help with that": 0.95}                      # record 2: worse / refusal
-    revisions = {"revise+": ["a kinder refusal", "the response should be kinder", "a worse positive"],
-                 "revise-": ["a crueler taunt", "a harsher response", "I can't help with that"]}
+    revisions = {"revise+": ["a kinder refusal", "the response should be kinder", "a worse positive",
+                             "I can't help with it, but here is a kinder idea.", "What a lovely day it is."],
+                 "revise-": ["a crueler taunt", "a harsher response", "I can't help with that", "tox", "tox"]}
 
     def chat(model, tok, convs, gen, seed, greedy=False, reply_starts=None, whole_sentences=False):
         return revisions.get(seed[1], ["a critique."] * len(convs))
     monkeypatch.setattr(ptalign, "chat", chat)
     monkeypatch.setattr(ptalign, "judge_harm", lambda model, tok, qs, texts, *a: [harm[t] for t in texts])
-    records = [{"id": str(i), "question": "q?", "rounds": [{"positive": "pos", "toxic": "tox"}]} for i in range(3)]
+    refusal = "I can't help with that, it is cruel."
+    records = [{"id": str(i), "question": "q?", "rounds": [{"positive": p, "toxic": "tox"}]}
+               for i, p in enumerate(["pos", "pos", "pos", refusal, refusal])]
     out = ptalign.refine(None, None, ptalign.load_seeds(), records, 1, ptalign.GenSettings(), seed=0)
     final = [(r["rounds"][-1]["positive"], r["rounds"][-1]["toxic"]) for r in out]
-    assert final == [("a kinder refusal", "a crueler taunt"), ("pos", "tox"), ("pos", "tox")]
-    assert [r["rounds"][-1]["toxic_harm"] for r in out] == [0.9, 0.6, 0.6]
+    assert final == [("a kinder refusal", "a crueler taunt"), ("pos", "tox"), ("pos", "tox"),
+                     ("I can't help with it, but here is a kinder idea.", "tox"), (refusal, "tox")]
+    assert [r["rounds"][-1]["toxic_harm"] for r in out] == [0.9, 0.6, 0.6, 0.6, 0.6]
     assert out[1]["rounds"][-1]["revision_toxic"] == "a harsher response"  # kept for the record, not used
 
 
