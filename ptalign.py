@@ -638,14 +638,14 @@ def run_generate(args, model=None, tok=None) -> dict:
         # Finished before: nothing to recompute (the settings were checked above).
         return report_summary(summarize(list(done.values())), out)
     t_start = time.perf_counter()
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     questions, qstats = generate_questions(model, tok, seeds, args.questions, gen, args.seed, args.dedup_threshold,
-                                           log=lambda s: print(s, file=sys.stderr))
+                                           log=log)
     chunks = [questions[c:c + gen.batch_size] for c in range(0, len(questions), gen.batch_size)]
     todo = [c for c in range(len(chunks)) if not all(q["id"] in done for q in chunks[c])]
     per_chunk = STAGE_COST["responses"] + args.rounds * STAGE_COST["round"] + STAGE_COST["spans"]
     meter = Meter(len(todo) * per_chunk, len(questions), gen.tally)
     meter.records_done = sum(q["id"] in done for q in questions)
-    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     with open(out, "a", encoding="utf-8") as f:
         for c in todo:
             # The whole chunk is recomputed even if part of it was written: its batches, and so

@@ -116,6 +116,11 @@ def test_bf16_load(tmp_path):
     assert ours(torch.randint(0, VOCAB, (1, 5))).dtype == torch.bfloat16
 
 
+def ours_from_tiny(arch, tmp_path) -> Transformer:
+    """Our model, loaded from a tiny random checkpoint of the family saved into tmp_path."""
+    tiny(arch).save_pretrained(tmp_path)
+    return Transformer.from_pretrained(tmp_path)
+
 # -----------------------------------------------------------------------------
 # KV cache: cached greedy decoding equals recomputing everything at every step
 
@@ -152,8 +157,7 @@ def test_cached_greedy_equals_uncached_left_padded(case, tmp_path):
 def test_shared_prefix_prefill_equals_uncached(tmp_path):
     """Prompts with a common start (few-shot turns) share one prefill; decoding must not change."""
     from generate import shared_prefix_len
-    tiny("llama").save_pretrained(tmp_path)
-    model = Transformer.from_pretrained(tmp_path)
+    model = ours_from_tiny("llama", tmp_path)
     g = torch.Generator().manual_seed(2)
     prefix = torch.randint(1, VOCAB, (20,), generator=g).tolist()
     prompts = [prefix + torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (1, 6, 3)]
@@ -165,8 +169,7 @@ def test_shared_prefix_prefill_equals_uncached(tmp_path):
 def test_prefill_gives_the_last_positions_logits(tmp_path):
     """prefill projects only each row's last position; it must equal the full forward's."""
     from generate import left_pad, prefill
-    tiny("llama").save_pretrained(tmp_path)
-    model = Transformer.from_pretrained(tmp_path)
+    model = ours_from_tiny("llama", tmp_path)
     g = torch.Generator().manual_seed(4)
     tokens, valid = left_pad([torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (5, 2, 9)], 0, "cpu")
     with torch.no_grad():
@@ -177,8 +180,7 @@ def test_prefill_gives_the_last_positions_logits(tmp_path):
 def test_scoring_helpers_match_plain_forward(tmp_path):
     """token_logprobs and next_token_logprobs (which prefills a shared prefix once) equal a plain forward."""
     from generate import next_token_logprobs, token_logprobs
-    tiny("qwen2").save_pretrained(tmp_path)
-    model = Transformer.from_pretrained(tmp_path)
+    model = ours_from_tiny("qwen2", tmp_path)
     g = torch.Generator().manual_seed(3)
     prefix = torch.randint(1, VOCAB, (18,), generator=g).tolist()
     seqs = [prefix + torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (2, 5, 1)]
@@ -192,8 +194,7 @@ def test_scoring_helpers_match_plain_forward(tmp_path):
 
 
 def test_uncached_padded_equals_unpadded(tmp_path):
-    tiny("llama").save_pretrained(tmp_path)
-    model = Transformer.from_pretrained(tmp_path)
+    model = ours_from_tiny("llama", tmp_path)
     p = [5, 9, 13, 2, 40]
     with torch.no_grad():
         alone = model(torch.tensor([p]))[0]
@@ -202,8 +203,7 @@ def test_uncached_padded_equals_unpadded(tmp_path):
 
 
 def test_generate_ids_stops_on_any_stop_id(tmp_path):
-    tiny("llama").save_pretrained(tmp_path)
-    model = Transformer.from_pretrained(tmp_path)
+    model = ours_from_tiny("llama", tmp_path)
     free = generate_ids(model, [[3, 4, 5]], stop_ids=[], pad_id=0, max_new_tokens=10)[0]
     stop_at = free[4]
     first = free.index(stop_at)
