@@ -7,6 +7,7 @@ stop ids; the batch ends when every row has stopped or `max_new_tokens` is reach
 
     python generate.py --prompt "What is the capital of France?"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,8 @@ def left_pad(seqs: list[list[int]], pad_id: int, device):
     tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     valid = torch.zeros((len(seqs), T), dtype=torch.bool)
     for i, s in enumerate(seqs):
-        tokens[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        valid[i, T - len(s):] = True
+        tokens[i, T - len(s) :] = torch.tensor(s, dtype=torch.long)
+        valid[i, T - len(s) :] = True
     return tokens.to(device), valid.to(device)
 
 
@@ -80,9 +81,9 @@ def prefill_shared(model: Transformer, prefix: list[int], cache):
     one = model.new_cache(1, len(prefix))
     h = model.hidden_states(torch.tensor([prefix], device=cache.valid.device), None, one)  # (1, P, dim)
     for layer in range(len(cache.k)):
-        cache.k[layer][:, :, :len(prefix)] = one.k[layer]
-        cache.v[layer][:, :, :len(prefix)] = one.v[layer]
-    cache.valid[:, :len(prefix)] = True
+        cache.k[layer][:, :, : len(prefix)] = one.k[layer]
+        cache.v[layer][:, :, : len(prefix)] = one.v[layer]
+    cache.valid[:, : len(prefix)] = True
     cache.length = len(prefix)
     return h
 
@@ -93,9 +94,17 @@ def decode_one(model: Transformer, token, cache):
 
 
 @torch.inference_mode()
-def generate_ids(model: Transformer, prompt_ids: list[list[int]], stop_ids, pad_id: int,
-                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 generator=None, on_token=None) -> list[list[int]]:
+def generate_ids(
+    model: Transformer,
+    prompt_ids: list[list[int]],
+    stop_ids,
+    pad_id: int,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator=None,
+    on_token=None,
+) -> list[list[int]]:
     """New ids for one batch of prompts (stop ids not included).
 
     on_token(row, token_id) is called as each token is accepted, for streaming.
@@ -129,8 +138,17 @@ def generate_ids(model: Transformer, prompt_ids: list[list[int]], stop_ids, pad_
     return [row[:n] for row, n in zip(rows, n_new.tolist())]
 
 
-def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None, batch_size: int = 16, on_token=None) -> list[str]:
+def generate(
+    model: Transformer,
+    tokenizer,
+    prompts,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    batch_size: int = 16,
+    on_token=None,
+) -> list[str]:
     """Replies to `prompts` (each a list of chat messages, or a string for one user turn).
 
     Prompts are sorted by length into batches of `batch_size` so rows of a batch need little
@@ -143,10 +161,19 @@ def generate(model: Transformer, tokenizer, prompts, max_new_tokens: int = 256, 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     replies = [None] * len(ids)
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         stream = None if on_token is None else (lambda row, t, b=batch: on_token(b[row], t))
-        new = generate_ids(model, [ids[i] for i in batch], tokenizer.stop_ids, tokenizer.pad_id,
-                           max_new_tokens, temperature, top_p, generator, stream)
+        new = generate_ids(
+            model,
+            [ids[i] for i in batch],
+            tokenizer.stop_ids,
+            tokenizer.pad_id,
+            max_new_tokens,
+            temperature,
+            top_p,
+            generator,
+            stream,
+        )
         for i, n in zip(batch, new):
             replies[i] = tokenizer.decode(n)
     return replies
@@ -158,7 +185,7 @@ def right_pad(seqs: list[list[int]], pad_id: int, device):
     T = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return tokens.to(device)
 
 
@@ -174,17 +201,17 @@ def token_logprobs(model: Transformer, seqs: list[list[int]], batch_size: int = 
     W = model.lm_head_weight
     out = []
     for start in range(0, len(seqs), batch_size):
-        batch = seqs[start:start + batch_size]
+        batch = seqs[start : start + batch_size]
         P = shared_prefix_len(batch)
         tokens, valid = left_pad([s[P:] for s in batch], 0, device)
         cache = model.new_cache(len(batch), P + tokens.shape[1])
         prefix_logp = None
         if P:
-            h_prefix = prefill_shared(model, batch[0][:P], cache)[0]           # (P, dim)
+            h_prefix = prefill_shared(model, batch[0][:P], cache)[0]  # (P, dim)
             prefix_logp = torch.log_softmax((h_prefix @ W.T).float(), dim=-1)  # (P, V)
-        h = model.hidden_states(tokens, valid, cache)                          # (B, T, dim)
+        h = model.hidden_states(tokens, valid, cache)  # (B, T, dim)
         for row, s in zip(h, batch):
-            own = row[tokens.shape[1] - (len(s) - P):]                         # this row's own positions
+            own = row[tokens.shape[1] - (len(s) - P) :]  # this row's own positions
             logp = torch.log_softmax((own[:-1] @ W.T).float(), dim=-1)
             if prefix_logp is not None:
                 logp = torch.cat([prefix_logp, logp])
@@ -203,7 +230,7 @@ def next_token_logprobs(model: Transformer, seqs: list[list[int]], batch_size: i
     out = []
     with torch.inference_mode():
         for start in range(0, len(seqs), batch_size):
-            batch = seqs[start:start + batch_size]
+            batch = seqs[start : start + batch_size]
             P = shared_prefix_len(batch)
             tokens, valid = left_pad([s[P:] for s in batch], 0, device)
             cache = model.new_cache(len(batch), P + tokens.shape[1])
@@ -243,37 +270,59 @@ def stream_reply(model, tokenizer, messages, args) -> str:
         text = tokenizer.decode(new_ids)
         # Byte-level tokens can end inside a UTF-8 character; wait until it is whole.
         if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(printed):])
+            sys.stdout.write(text[len(printed) :])
             sys.stdout.flush()
             printed = text
 
     t0 = time.perf_counter()
-    reply = generate(model, tokenizer, [messages], args.max_new_tokens, args.temperature,
-                     args.top_p, args.seed, on_token=on_token)[0]
+    reply = generate(
+        model, tokenizer, [messages], args.max_new_tokens, args.temperature, args.top_p, args.seed, on_token=on_token
+    )[0]
     dt = time.perf_counter() - t0
-    sys.stdout.write(reply[len(printed):] + "\n")
+    sys.stdout.write(reply[len(printed) :] + "\n")
     sys.stdout.flush()
     print(f"[{len(new_ids)} tokens in {dt:.1f} s, {len(new_ids) / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return reply
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Chat with a LLaMA-family checkpoint (default: the embedded "
-                                "SmolLM2-135M-Instruct). With --prompt, answer once; without, chat on stdin.")
-    p.add_argument("--model", help="checkpoint directory (config.json, safetensors, tokenizer); "
-                   "default: the embedded default model, fetched and converted on first use")
-    p.add_argument("--prompt", action="append", help="a user message; repeat for a batch (answered "
-                   "together, printed in order). Without it, an interactive chat reads stdin")
+    p = argparse.ArgumentParser(
+        description="Chat with a LLaMA-family checkpoint (default: the embedded "
+        "SmolLM2-135M-Instruct). With --prompt, answer once; without, chat on stdin."
+    )
+    p.add_argument(
+        "--model",
+        help="checkpoint directory (config.json, safetensors, tokenizer); "
+        "default: the embedded default model, fetched and converted on first use",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="a user message; repeat for a batch (answered "
+        "together, printed in order). Without it, an interactive chat reads stdin",
+    )
     p.add_argument("--system", help="an optional system message put before each prompt")
     p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default), "
-                   "else the softmax temperature for sampling")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of "
-                   "tokens whose probability reaches this mass (default 1.0: all)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 for greedy decoding (default), else the softmax temperature for sampling",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: keep the smallest set of tokens whose probability reaches this mass (default 1.0: all)",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: none)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weights dtype (default: bfloat16 on cuda, float32 on cpu)",
+    )
     args = p.parse_args(argv)
     model, tokenizer = load(args.model, args.device, args.dtype)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -281,8 +330,15 @@ def main(argv=None):
         stream_reply(model, tokenizer, system + [{"role": "user", "content": args.prompt[0]}], args)
     elif args.prompt:
         t0 = time.perf_counter()
-        replies = generate(model, tokenizer, [system + [{"role": "user", "content": q}] for q in args.prompt],
-                           args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        replies = generate(
+            model,
+            tokenizer,
+            [system + [{"role": "user", "content": q}] for q in args.prompt],
+            args.max_new_tokens,
+            args.temperature,
+            args.top_p,
+            args.seed,
+        )
         for q, r in zip(args.prompt, replies):
             print(f"> {q}\n{r}\n")
         print(f"[{len(replies)} replies in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)

@@ -7,6 +7,7 @@ safetensors checkpoints. It covers `LlamaForCausalLM`, `MistralForCausalLM` (wit
 sliding window) and `Qwen2ForCausalLM` (q/k/v biases). Module names follow the Hugging
 Face weight names, so a checkpoint maps onto the model with no renaming table.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,47 +37,52 @@ class CheckpointError(ValueError):
 class ModelConfig:
     architecture: str
     vocab_size: int
-    dim: int                  # hidden_size
+    dim: int  # hidden_size
     n_layers: int
     n_heads: int
-    n_kv_heads: int           # < n_heads means grouped-query attention
-    head_dim: int             # explicit: Mistral-Nemo has 128 != 5120 / 32
-    hidden_dim: int           # the MLP's intermediate_size
+    n_kv_heads: int  # < n_heads means grouped-query attention
+    head_dim: int  # explicit: Mistral-Nemo has 128 != 5120 / 32
+    hidden_dim: int  # the MLP's intermediate_size
     norm_eps: float
     rope_theta: float
     rope_scaling: dict | None  # {"rope_type": "llama3" | "linear", ...} or None
     max_seq_len: int
     tie_embeddings: bool
-    qkv_bias: bool            # Qwen2 has biases on q, k and v (not on o)
+    qkv_bias: bool  # Qwen2 has biases on q, k and v (not on o)
 
     @classmethod
-    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, hf: dict, source: str = "config.json") -> ModelConfig:
         """Read the fields we need from a Hugging Face config dict, refusing what we cannot run."""
         arch = (hf.get("architectures") or [None])[0]
         if arch not in ARCHITECTURES:
-            raise CheckpointError(f"{source}: architecture {arch!r} is not supported "
-                                  f"(supported: {', '.join(ARCHITECTURES)}).")
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "intermediate_size"):
+            raise CheckpointError(
+                f"{source}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})."
+            )
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             if key not in hf:
                 raise CheckpointError(f"{source}: required key {key!r} is missing.")
         if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias", False):
-            raise CheckpointError(f"{source}: hidden_act={hf.get('hidden_act')!r}, mlp_bias="
-                                  f"{hf.get('mlp_bias', False)} is not supported (only silu, no bias).")
+            raise CheckpointError(
+                f"{source}: hidden_act={hf.get('hidden_act')!r}, mlp_bias="
+                f"{hf.get('mlp_bias', False)} is not supported (only silu, no bias)."
+            )
         # A sliding window changes which keys a query may see; we only implement full
         # causal attention, so a config that actually slides is refused rather than run wrong.
         window = hf.get("sliding_window")
         uses_window = hf.get("use_sliding_window", arch == "MistralForCausalLM")
         max_pos = hf.get("max_position_embeddings", 4096)
         if uses_window and window is not None and window < max_pos:
-            raise CheckpointError(f"{source}: sliding_window={window} (< max_position_embeddings="
-                                  f"{max_pos}) is not supported; only full causal attention is.")
+            raise CheckpointError(
+                f"{source}: sliding_window={window} (< max_position_embeddings="
+                f"{max_pos}) is not supported; only full causal attention is."
+            )
         # transformers 5 moved rope_theta and the scaling into `rope_parameters`.
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3", "linear"):
-            raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported "
-                                  "(supported: default, linear, llama3).")
+            raise CheckpointError(
+                f"{source}: rope type {rope_type!r} is not supported (supported: default, linear, llama3)."
+            )
         n_heads = hf["num_attention_heads"]
         return cls(
             architecture=arch,
@@ -140,7 +146,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
     """cos and sin tables for integer positions (B, T), in fp32 then cast: (B, T, hd) each."""
     freqs = positions.float()[..., None] * inv_freq.float()  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)                    # (B, T, hd): rotate-half layout
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd): rotate-half layout
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -164,14 +170,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): every slot filled so far
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -242,11 +249,11 @@ def positions_and_mask(valid: torch.Tensor, T: int):
     zero weight is still NaN in every later layer.
     """
     S = valid.shape[1]
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, S - T:]  # (B, T)
-    q_slot = torch.arange(S - T, S, device=valid.device)[:, None]      # (T, 1)
-    k_slot = torch.arange(S, device=valid.device)[None, :]             # (1, S)
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, S - T :]  # (B, T)
+    q_slot = torch.arange(S - T, S, device=valid.device)[:, None]  # (T, 1)
+    k_slot = torch.arange(S, device=valid.device)[None, :]  # (1, S)
     mask = (k_slot <= q_slot) & (valid[:, None, :] | (k_slot == q_slot))  # (B, T, S)
-    return positions, mask[:, None]                                     # mask: (B, 1, T, S)
+    return positions, mask[:, None]  # mask: (B, 1, T, S)
 
 
 # -----------------------------------------------------------------------------
@@ -283,8 +290,8 @@ class Transformer(nn.Module):
         if cache is not None:
             if cache.length + T > cache.max_len:
                 raise ValueError(f"KV cache full: {cache.length} + {T} tokens > max_len {cache.max_len}.")
-            cache.valid[:, cache.length:cache.length + T] = True if valid is None else valid
-            valid = cache.valid[:, :cache.length + T]
+            cache.valid[:, cache.length : cache.length + T] = True if valid is None else valid
+            valid = cache.valid[:, : cache.length + T]
         if valid is None:
             # No padding: plain causal attention, which SDPA runs without building a mask.
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -314,7 +321,7 @@ class Transformer(nn.Module):
     # Loading and saving Hugging Face checkpoints
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
+    def from_pretrained(cls, path, dtype=None, device=None) -> Transformer:
         """Load a LLaMA-family checkpoint directory (config.json + safetensors, one file or sharded).
 
         dtype: None keeps the checkpoint's dtype (`torch_dtype` / `dtype` in config.json).
@@ -339,14 +346,17 @@ class Transformer(nn.Module):
             if ours not in expected:
                 raise CheckpointError(f"{file}: unexpected tensor {name!r} for {cfg.architecture}.")
             if tuple(tensor.shape) != tuple(expected[ours].shape):
-                raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                      f"expected {tuple(expected[ours].shape)} from config.json.")
+                raise CheckpointError(
+                    f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(expected[ours].shape)} from config.json."
+                )
             state[ours] = tensor.to(device=device, dtype=dtype)
         missing = sorted(set(expected) - set(state))
         if missing:
             hf_name = missing[0] if missing[0].startswith("lm_head") else "model." + missing[0]
-            raise CheckpointError(f"{path}: tensor {hf_name!r} is missing from the checkpoint "
-                                  f"({len(missing)} missing in all).")
+            raise CheckpointError(
+                f"{path}: tensor {hf_name!r} is missing from the checkpoint ({len(missing)} missing in all)."
+            )
         model.load_state_dict(state, assign=True)
         model.inv_freq = rope_inv_freq(cfg).to(device)
         model.source_dir = path
@@ -370,8 +380,10 @@ class Transformer(nn.Module):
             dtype_key = "dtype" if "dtype" in hf else "torch_dtype"
             hf[dtype_key] = str(dtype).removeprefix("torch.")
             write_json(tmp / "config.json", hf)
-            tensors = {("" if n.startswith("lm_head") else "model.") + n: p.detach().contiguous().cpu()
-                       for n, p in self.named_parameters()}
+            tensors = {
+                ("" if n.startswith("lm_head") else "model.") + n: p.detach().contiguous().cpu()
+                for n, p in self.named_parameters()
+            }
             shards, size = [[]], 0
             for name, t in tensors.items():
                 nbytes = t.numel() * t.element_size()
@@ -389,8 +401,9 @@ class Transformer(nn.Module):
                     save_file({n: tensors[n] for n in names}, tmp / fname, metadata={"format": "pt"})
                     weight_map.update({n: fname for n in names})
                 total = sum(t.numel() * t.element_size() for t in tensors.values())
-                write_json(tmp / "model.safetensors.index.json",
-                           {"metadata": {"total_size": total}, "weight_map": weight_map})
+                write_json(
+                    tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+                )
             if self.source_dir is not None:
                 for name in AUX_FILES:
                     if (self.source_dir / name).is_file():
@@ -401,8 +414,14 @@ class Transformer(nn.Module):
 
 
 # Files of a checkpoint that are not weights but make it usable: copied by save_pretrained.
-AUX_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-             "chat_template.jinja", "generation_config.json")
+AUX_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def read_config(path: Path) -> dict:
@@ -435,8 +454,9 @@ def checkpoint_files(path: Path) -> list[Path]:
         return [single]
     if (path / "pytorch_model.bin").is_file() or any(path.glob("pytorch_model-*.bin")):
         # Unpickling can run arbitrary code, so .bin checkpoints are refused, not loaded.
-        raise CheckpointError(f"{path}: only pytorch_model.bin found; convert it to safetensors "
-                              "(it is never unpickled here).")
+        raise CheckpointError(
+            f"{path}: only pytorch_model.bin found; convert it to safetensors (it is never unpickled here)."
+        )
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json found.")
 
 

@@ -13,6 +13,7 @@ Read top to bottom, one run is:
      (OUT/eval_after.json) and the before/after table.
 OUT/ckpt holds the checkpoint --resume continues from; OUT/metrics.jsonl one line per step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,8 @@ import torch.nn.functional as F
 
 import ptalign
 from data import Tokenizer, default_model_path
-from data.default_model import DefaultModelError
 from data.dataset import IGNORE, DatasetError, batches, build_examples, load_records
+from data.default_model import DefaultModelError
 from data.tokenizer import TokenizerError
 from kernels import fused_linear_pt_loss
 from model import CheckpointError, Transformer, iter_checkpoint_tensors, replace_dir
@@ -44,22 +45,46 @@ from model import CheckpointError, Transformer, iter_checkpoint_tensors, replace
 # both evaluations, training) finish in under 20 minutes on 2 cores with the 135M default
 # model; the gpu preset is for a 7B/8B model on one GPU. Any flag given overrides its preset.
 PRESETS = {
-    "cpu": dict(questions=32, rounds=2, epochs=3, batch_size=4, grad_accum=1, max_len=256, lr=5e-5,
-                lora_lr=5e-4, save_every=10, eval_limit=24, eval_max_new_tokens=48, grad_checkpointing=False),
-    "gpu": dict(questions=64, rounds=2, epochs=3, batch_size=4, grad_accum=8, max_len=1024, lr=1e-5,
-                lora_lr=2e-4, save_every=100, eval_limit=None, eval_max_new_tokens=64, grad_checkpointing=True),
+    "cpu": dict(
+        questions=32,
+        rounds=2,
+        epochs=3,
+        batch_size=4,
+        grad_accum=1,
+        max_len=256,
+        lr=5e-5,
+        lora_lr=5e-4,
+        save_every=10,
+        eval_limit=24,
+        eval_max_new_tokens=48,
+        grad_checkpointing=False,
+    ),
+    "gpu": dict(
+        questions=64,
+        rounds=2,
+        epochs=3,
+        batch_size=4,
+        grad_accum=8,
+        max_len=1024,
+        lr=1e-5,
+        lora_lr=2e-4,
+        save_every=100,
+        eval_limit=None,
+        eval_max_new_tokens=64,
+        grad_checkpointing=True,
+    ),
 }
 
 
 @dataclass
 class TrainConfig:
-    model: str | None = None       # checkpoint directory; None: the embedded default model
-    data: str | None = None        # dual dataset JSONL; None: generate OUT/data.jsonl
+    model: str | None = None  # checkpoint directory; None: the embedded default model
+    data: str | None = None  # dual dataset JSONL; None: generate OUT/data.jsonl
     out: str = "runs/ptalign"
     preset: str = "cpu"
     device: str = "cpu"
-    precision: str = "fp32"        # fp32, or bf16 (autocast, fp32 master weights)
-    loss: str = "both"             # both | mle | ut
+    precision: str = "fp32"  # fp32, or bf16 (autocast, fp32 master weights)
+    loss: str = "both"  # both | mle | ut
     alpha: float = 1.0
     epochs: int = 3
     max_steps: int | None = None
@@ -126,8 +151,12 @@ def add_lora(model: Transformer, rank: int, alpha: float) -> None:
 
 def lora_layers(model):
     """(parent module, attribute name, LoRALinear) for each adapted projection."""
-    return [(parent, name, child) for parent in model.modules()
-            for name, child in parent.named_children() if isinstance(child, LoRALinear)]
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, LoRALinear)
+    ]
 
 
 @contextmanager
@@ -154,6 +183,7 @@ def merged(model):
 # -----------------------------------------------------------------------------
 # The loss
 
+
 def micro_batch_loss(model, ids, targets, ut, w_mle: float, alpha_eff: float, device, precision: str):
     """Loss of one micro-batch, scaled so that the micro-batches of one step add up to its mean loss.
 
@@ -165,7 +195,7 @@ def micro_batch_loss(model, ids, targets, ut, w_mle: float, alpha_eff: float, de
     tokens outside the spans and the padding are left out before the output projection.
     Returns (scaled loss, LossParts of this micro-batch).
     """
-    keep = (targets.reshape(-1) != IGNORE).nonzero().squeeze(1)      # found on the CPU: no device sync
+    keep = (targets.reshape(-1) != IGNORE).nonzero().squeeze(1)  # found on the CPU: no device sync
     t, u = targets.reshape(-1)[keep].to(device), ut.reshape(-1)[keep].to(device)
     # No autocast cache: it would hold a bf16 copy of every weight until the forward ends
     # (16 GB for an 8B model), which full fine-tuning on one 141 GB GPU cannot spare.
@@ -177,8 +207,7 @@ def micro_batch_loss(model, ids, targets, ut, w_mle: float, alpha_eff: float, de
     weight = model.lm_head_weight
     if precision == "bf16":  # bf16 logits, fp32 statistics inside the kernel
         hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
-    loss, parts = fused_linear_pt_loss(hidden, weight, t, u, alpha=alpha_eff,
-                                       reduction="sum", return_parts=True)
+    loss, parts = fused_linear_pt_loss(hidden, weight, t, u, alpha=alpha_eff, reduction="sum", return_parts=True)
     return loss * w_mle, parts
 
 
@@ -193,6 +222,7 @@ def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
 # -----------------------------------------------------------------------------
 # Checkpoints
 
+
 def save_model(model, path) -> None:
     """save_pretrained of the model as it is, with LoRA merged: a plain checkpoint transformers loads."""
     with merged(model):
@@ -200,8 +230,11 @@ def save_model(model, path) -> None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, fingerprint: dict, out: Path) -> None:
@@ -210,8 +243,17 @@ def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, fingerprint: 
     tmp = out / f".ckpt.tmp-{os.getpid()}"
     save_model(model, tmp)
     lora = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "lora": lora, "rng": rng_state(),
-                "config": asdict(cfg), "fingerprint": fingerprint}, tmp / "trainer_state.pt")
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "lora": lora,
+            "rng": rng_state(),
+            "config": asdict(cfg),
+            "fingerprint": fingerprint,
+        },
+        tmp / "trainer_state.pt",
+    )
     replace_dir(tmp, out / "ckpt")
 
 
@@ -222,8 +264,10 @@ def load_checkpoint(model, optimizer, fingerprint: dict, out: Path, device) -> i
     for key, value in fingerprint.items():
         old = state["fingerprint"].get(key)
         if old != value:
-            raise TrainError(f"{ckpt}: written with {key}={old!r}, this run has {key}={value!r}; "
-                             "resume with the same settings, or use another --out.")
+            raise TrainError(
+                f"{ckpt}: written with {key}={old!r}, this run has {key}={value!r}; "
+                "resume with the same settings, or use another --out."
+            )
     if state["lora"]:
         model.load_state_dict(state["lora"], strict=False)
     else:  # full fine-tuning: the weights are the checkpoint's safetensors, in the master dtype
@@ -242,6 +286,7 @@ def load_checkpoint(model, optimizer, fingerprint: dict, out: Path, device) -> i
 # -----------------------------------------------------------------------------
 # What the user sees
 
+
 class Progress:
     """One status line on stderr: step, loss and its parts, tokens/s, ETA.
 
@@ -258,10 +303,11 @@ class Progress:
         done = m["step"] - self.start
         eta = (self.total - m["step"]) * dt / max(done, 1)
         bar = "#" * int(20 * m["step"] / self.total)
-        line = (f"step {m['step']}/{self.total} [{bar:<20}] loss {m['loss']:.4g} (mle {m['mle']:.4g}, "
-                f"ut {m['ut']:.4g})  lr {m['lr']:.2e}  {self.tokens / dt:.0f} tok/s  ETA {eta / 60:.1f} min")
-        print(("\r" + line + "\033[K") if self.tty else line, end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)
+        line = (
+            f"step {m['step']}/{self.total} [{bar:<20}] loss {m['loss']:.4g} (mle {m['mle']:.4g}, "
+            f"ut {m['ut']:.4g})  lr {m['lr']:.2e}  {self.tokens / dt:.0f} tok/s  ETA {eta / 60:.1f} min"
+        )
+        print(("\r" + line + "\033[K") if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.tty:
@@ -272,6 +318,7 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
     """OUT/loss.png: total loss and its MLE and UT parts per step (needs matplotlib, optional)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -300,13 +347,15 @@ def evaluate(model, tok, records, cfg: TrainConfig, run: dict) -> dict:
     """ptalign's evaluation on the held-out prompt sets (an evenly spaced --eval-limit subset)."""
     harmful = spread(ptalign.load_prompts(ptalign.DATA / "eval_harmful.jsonl"), cfg.eval_limit)
     benign = spread(ptalign.load_prompts(ptalign.DATA / "eval_benign.jsonl"), cfg.eval_limit)
-    report = ptalign.evaluate(model, tok, harmful, benign, records, cfg.eval_max_new_tokens,
-                              log=lambda s: print(s, file=sys.stderr))
+    report = ptalign.evaluate(
+        model, tok, harmful, benign, records, cfg.eval_max_new_tokens, log=lambda s: print(s, file=sys.stderr)
+    )
     return {**report, "run": run}
 
 
 # -----------------------------------------------------------------------------
 # Training
+
 
 def setup(cfg: TrainConfig, model_path, device):
     """The model to train (LoRA-wrapped if asked), its trainable parameters and their AdamW."""
@@ -321,8 +370,10 @@ def setup(cfg: TrainConfig, model_path, device):
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # norms, biases
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]  # norms, biases
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     return model, params, optimizer
 
@@ -330,7 +381,7 @@ def setup(cfg: TrainConfig, model_path, device):
 def train_step(model, params, optimizer, micro, cfg: TrainConfig, lr: float, device) -> dict:
     """One optimizer step over a list of micro-batches; its metrics. A non-finite loss or gradient
     raises TrainError (naming the parts) before the update."""
-    n_mle = sum(int(((t != IGNORE) & ~u).sum()) for _, t, u in micro)   # counted on the CPU
+    n_mle = sum(int(((t != IGNORE) & ~u).sum()) for _, t, u in micro)  # counted on the CPU
     n_ut = sum(int(((t != IGNORE) & u).sum()) for _, t, u in micro)
     w_mle, alpha_eff = 1 / max(n_mle, 1), cfg.alpha * max(n_mle, 1) / max(n_ut, 1)
     t0 = time.perf_counter()
@@ -342,8 +393,16 @@ def train_step(model, params, optimizer, micro, cfg: TrainConfig, lr: float, dev
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     # One host sync per step, before the update: a non-finite loss must never reach the weights.
     loss_v, mle_sum, ut_sum, norm_v = torch.cat([sums, grad_norm.reshape(1).float()]).tolist()
-    m = {"loss": loss_v, "mle": mle_sum / max(n_mle, 1), "ut": ut_sum / max(n_ut, 1), "n_mle": n_mle,
-         "n_ut": n_ut, "lr": lr, "grad_norm": norm_v, "tokens": sum(ids.numel() for ids, _, _ in micro)}
+    m = {
+        "loss": loss_v,
+        "mle": mle_sum / max(n_mle, 1),
+        "ut": ut_sum / max(n_ut, 1),
+        "n_mle": n_mle,
+        "n_ut": n_ut,
+        "lr": lr,
+        "grad_norm": norm_v,
+        "tokens": sum(ids.numel() for ids, _, _ in micro),
+    }
     if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
         raise TrainError(f"mle={m['mle']:.4g}, ut={m['ut']:.4g}, grad norm={norm_v:.4g}")
     for g in optimizer.param_groups:
@@ -377,24 +436,34 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
     history = [m for m in old if m["step"] <= start]
     metrics_file.write_text("".join(json.dumps(m) + "\n" for m in history))
     kind = f"LoRA r={cfg.lora_rank}" if cfg.lora_rank else "full"
-    print(f"training: {len(examples)} examples, {total} steps of {cfg.batch_size}x{cfg.grad_accum}, "
-          f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters ({kind}), {cfg.device} {cfg.precision}",
-          file=sys.stderr)
+    print(
+        f"training: {len(examples)} examples, {total} steps of {cfg.batch_size}x{cfg.grad_accum}, "
+        f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters ({kind}), {cfg.device} {cfg.precision}",
+        file=sys.stderr,
+    )
 
     progress, epoch_batches, last_saved = Progress(total, start), {}, start
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
         if epoch not in epoch_batches:  # the order is a function of (seed, epoch) alone: resumable
             epoch_batches = {epoch: list(batches(examples, cfg.batch_size, cfg.seed, epoch, tok.pad_id))}
-        micro = epoch_batches[epoch][k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
+        micro = epoch_batches[epoch][k * cfg.grad_accum : (k + 1) * cfg.grad_accum]
         try:
-            m = {"step": step + 1, "epoch": epoch,
-                 **train_step(model, params, optimizer, micro, cfg, lr_at(step, total, warmup, cfg.lr), device)}
+            m = {
+                "step": step + 1,
+                "epoch": epoch,
+                **train_step(model, params, optimizer, micro, cfg, lr_at(step, total, warmup, cfg.lr), device),
+            }
         except TrainError as err:
-            kept = (f"last good checkpoint kept at {out / 'ckpt'} (step {last_saved})" if last_saved
-                    else "no checkpoint had been saved yet")
-            raise TrainError(f"non-finite loss at step {step + 1} ({err}); the weights were not updated; {kept}. "
-                             "Try a lower --lr, or --precision fp32.") from None
+            kept = (
+                f"last good checkpoint kept at {out / 'ckpt'} (step {last_saved})"
+                if last_saved
+                else "no checkpoint had been saved yet"
+            )
+            raise TrainError(
+                f"non-finite loss at step {step + 1} ({err}); the weights were not updated; {kept}. "
+                "Try a lower --lr, or --precision fp32."
+            ) from None
         history.append(m)
         with open(metrics_file, "a") as f:
             f.write(json.dumps(m) + "\n")
@@ -410,13 +479,17 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
     save_model(model, out / "final")
     if history:
         first, last = history[0], history[-1]
-        print(f"loss {first['loss']:.4g} -> {last['loss']:.4g} (mle {first['mle']:.4g} -> {last['mle']:.4g}, "
-              f"ut {first['ut']:.4g} -> {last['ut']:.4g}); aligned checkpoint: {out / 'final'}", file=sys.stderr)
+        print(
+            f"loss {first['loss']:.4g} -> {last['loss']:.4g} (mle {first['mle']:.4g} -> {last['mle']:.4g}, "
+            f"ut {first['ut']:.4g} -> {last['ut']:.4g}); aligned checkpoint: {out / 'final'}",
+            file=sys.stderr,
+        )
         plot_losses(history, out / "loss.png")
 
 
 # -----------------------------------------------------------------------------
 # The whole pipeline
+
 
 def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
@@ -441,15 +514,30 @@ def run(cfg: TrainConfig) -> dict:
         print(f"== dataset: generating {data_path} ==", file=sys.stderr)
         model = Transformer.from_pretrained(model_path, dtype=infer_dtype, device=device)
         gen = ptalign.build_parser().parse_args(
-            ["generate", "--out", str(data_path), "--questions", str(cfg.questions), "--rounds", str(cfg.rounds),
-             "--seed", str(cfg.seed)] + (["--model", cfg.model] if cfg.model else []))
+            [
+                "generate",
+                "--out",
+                str(data_path),
+                "--questions",
+                str(cfg.questions),
+                "--rounds",
+                str(cfg.rounds),
+                "--seed",
+                str(cfg.seed),
+            ]
+            + (["--model", cfg.model] if cfg.model else [])
+        )
         ptalign.run_generate(gen, model, tok)
         records = load_records(data_path)
         print(f"[dataset: {time.perf_counter() - phase:.0f} s]", file=sys.stderr)
 
     reports, before_file = {}, out / "eval_before.json"
-    eval_run = {"model": str(model_path), "data_sha256": sha256(data_path), "eval_limit": cfg.eval_limit,
-                "eval_max_new_tokens": cfg.eval_max_new_tokens}
+    eval_run = {
+        "model": str(model_path),
+        "data_sha256": sha256(data_path),
+        "eval_limit": cfg.eval_limit,
+        "eval_max_new_tokens": cfg.eval_max_new_tokens,
+    }
     if cfg.skip_eval:
         pass
     elif before_file.is_file() and json.loads(before_file.read_text()).get("run") == eval_run:
@@ -467,14 +555,34 @@ def run(cfg: TrainConfig) -> dict:
         torch.cuda.empty_cache()  # the inference copy's memory goes back before the master weights load
 
     examples, stats = build_examples(records, tok, cfg.max_len, cfg.loss)
-    print(f"dataset {data_path}: {len(records)} records -> {len(examples)} examples ({stats['dropped_long_prompt']} "
-          f"dropped: prompt longer than --max-len, {stats['truncated']} truncated)", file=sys.stderr)
+    print(
+        f"dataset {data_path}: {len(records)} records -> {len(examples)} examples ({stats['dropped_long_prompt']} "
+        f"dropped: prompt longer than --max-len, {stats['truncated']} truncated)",
+        file=sys.stderr,
+    )
     if not examples:
         raise TrainError(f"{data_path}: no example fits in --max-len {cfg.max_len}; raise --max-len.")
     # What must not change between an interrupted run and its resumption.
-    fingerprint = {k: getattr(cfg, k) for k in ("loss", "alpha", "epochs", "max_steps", "batch_size", "grad_accum",
-                                                "lr", "warmup_steps", "weight_decay", "grad_clip", "max_len",
-                                                "lora_rank", "lora_alpha", "seed", "precision")}
+    fingerprint = {
+        k: getattr(cfg, k)
+        for k in (
+            "loss",
+            "alpha",
+            "epochs",
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "warmup_steps",
+            "weight_decay",
+            "grad_clip",
+            "max_len",
+            "lora_rank",
+            "lora_alpha",
+            "seed",
+            "precision",
+        )
+    }
     fingerprint |= {"model": str(model_path), "data_sha256": sha256(data_path)}
     phase = time.perf_counter()
     print("== dual instruction tuning ==", file=sys.stderr)
@@ -500,48 +608,97 @@ def build_parser() -> argparse.ArgumentParser:
         cpu, gpu = (("all" if v is None else v) for v in (PRESETS["cpu"][key], PRESETS["gpu"][key]))
         return f" (cpu preset: {cpu}, gpu preset: {gpu})"
 
-    p = argparse.ArgumentParser(description="PT-ALIGN dual instruction tuning, end to end: dataset, evaluation "
-                                "before, training with the fused MLE + unlikelihood loss, aligned checkpoint, "
-                                "evaluation after. With no flags it runs on the embedded default model.")
+    p = argparse.ArgumentParser(
+        description="PT-ALIGN dual instruction tuning, end to end: dataset, evaluation "
+        "before, training with the fused MLE + unlikelihood loss, aligned checkpoint, "
+        "evaluation after. With no flags it runs on the embedded default model."
+    )
     a = p.add_argument
     a("--model", help="LLaMA-family checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
     a("--data", help="dual dataset JSONL from `ptalign.py generate` (default: generate OUT/data.jsonl)")
-    a("--out", default="runs/ptalign", help="output directory: final/, ckpt/, metrics.jsonl, eval reports "
-      "(default: runs/ptalign)")
-    a("--preset", choices=list(PRESETS), help="machine defaults for the flags marked 'preset' (default: gpu when "
-      "CUDA is available, else cpu)")
+    a(
+        "--out",
+        default="runs/ptalign",
+        help="output directory: final/, ckpt/, metrics.jsonl, eval reports (default: runs/ptalign)",
+    )
+    a(
+        "--preset",
+        choices=list(PRESETS),
+        help="machine defaults for the flags marked 'preset' (default: gpu when CUDA is available, else cpu)",
+    )
     a("--device", help="torch device (default: cuda if available, else cpu)")
-    a("--precision", choices=["fp32", "bf16"], help="bf16: autocast with fp32 master weights (and a bf16 "
-      "frozen base under LoRA); default: bf16 on cuda, fp32 on cpu")
-    a("--loss", choices=["both", "mle", "ut"], default="both", help="both: MLE on positives + unlikelihood on "
-      "toxic spans (PT-ALIGN); mle or ut: one side only, for the ablations (default: both)")
+    a(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="bf16: autocast with fp32 master weights (and a bf16 "
+        "frozen base under LoRA); default: bf16 on cuda, fp32 on cpu",
+    )
+    a(
+        "--loss",
+        choices=["both", "mle", "ut"],
+        default="both",
+        help="both: MLE on positives + unlikelihood on "
+        "toxic spans (PT-ALIGN); mle or ut: one side only, for the ablations (default: both)",
+    )
     a("--alpha", type=float, default=1.0, help="weight of the unlikelihood term (default: 1.0)")
     a("--epochs", type=int, help="passes over the dataset" + preset("epochs"))
     a("--max-steps", type=int, help="stop after this many optimizer steps (the schedule ends there too)")
     a("--batch-size", type=int, help="examples per micro-batch" + preset("batch_size"))
     a("--grad-accum", type=int, help="micro-batches per optimizer step" + preset("grad_accum"))
-    a("--lr", type=float, help="peak learning rate; default: the preset's, for full fine-tuning"
-      + preset("lr") + " or LoRA" + preset("lora_lr"))
-    a("--warmup-steps", type=int, help="linear warmup steps before the cosine decay to lr/10 (default: 5%% of "
-      "the steps, at least 1)")
+    a(
+        "--lr",
+        type=float,
+        help="peak learning rate; default: the preset's, for full fine-tuning"
+        + preset("lr")
+        + " or LoRA"
+        + preset("lora_lr"),
+    )
+    a(
+        "--warmup-steps",
+        type=int,
+        help="linear warmup steps before the cosine decay to lr/10 (default: 5%% of the steps, at least 1)",
+    )
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default: 0)")
     a("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this (default: 1.0)")
-    a("--max-len", type=int, help="tokens per example; longer responses are cut, examples whose prompt does "
-      "not fit are dropped and counted" + preset("max_len"))
-    a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank on the attention and MLP "
-      "projections instead of all weights; merged into the weights on save (default: 0, full fine-tuning)")
-    a("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator: the update is alpha/rank * B A "
-      "(default: 16)")
-    a("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute each block's "
-      "activations in backward to save memory" + preset("grad_checkpointing"))
+    a(
+        "--max-len",
+        type=int,
+        help="tokens per example; longer responses are cut, examples whose prompt does "
+        "not fit are dropped and counted" + preset("max_len"),
+    )
+    a(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="train LoRA adapters of this rank on the attention and MLP "
+        "projections instead of all weights; merged into the weights on save (default: 0, full fine-tuning)",
+    )
+    a(
+        "--lora-alpha",
+        type=float,
+        default=16.0,
+        help="LoRA scale numerator: the update is alpha/rank * B A (default: 16)",
+    )
+    a(
+        "--grad-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="recompute each block's activations in backward to save memory" + preset("grad_checkpointing"),
+    )
     a("--seed", type=int, default=0, help="seed for the dataset, data order and LoRA init (default: 0)")
     a("--save-every", type=int, help="write OUT/ckpt every N optimizer steps; 0: never" + preset("save_every"))
-    a("--resume", action="store_true", help="continue from OUT/ckpt (same flags required): weights, optimizer, "
-      "schedule, data order and RNG, so the result equals an uninterrupted run")
+    a(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/ckpt (same flags required): weights, optimizer, "
+        "schedule, data order and RNG, so the result equals an uninterrupted run",
+    )
     a("--questions", type=int, help="harmful questions to generate when --data is not given" + preset("questions"))
     a("--rounds", type=int, help="critique-and-revise rounds when generating" + preset("rounds"))
-    a("--eval-limit", type=int, help="evaluate on this many prompts of each held-out set, evenly spaced; "
-      "0 or less: all" + preset("eval_limit"))
+    a(
+        "--eval-limit",
+        type=int,
+        help="evaluate on this many prompts of each held-out set, evenly spaced; 0 or less: all" + preset("eval_limit"),
+    )
     a("--eval-max-new-tokens", type=int, help="reply length in evaluation" + preset("eval_max_new_tokens"))
     a("--skip-eval", action="store_true", help="no evaluation before or after (training only)")
     return p
@@ -573,12 +730,12 @@ def main(argv=None) -> dict:
     cfg = parse_args(argv)
     try:
         return run(cfg)
-    except (DatasetError, CheckpointError, TokenizerError, DefaultModelError, ptalign.PipelineError,
-            TrainError) as err:
+    except (DatasetError, CheckpointError, TokenizerError, DefaultModelError, ptalign.PipelineError, TrainError) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
-        sys.exit(f"\ninterrupted; rerun with --resume to continue from the last checkpoint in "
-                 f"{Path(cfg.out) / 'ckpt'}.")
+        sys.exit(
+            f"\ninterrupted; rerun with --resume to continue from the last checkpoint in {Path(cfg.out) / 'ckpt'}."
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 - `data.dataset`: dual-dataset records to training tensors.
 - `seeds.json`, `eval_*.jsonl`: the human annotations and the held-out prompt sets.
 """
+
 from data.tokenizer import Tokenizer
 
 __all__ = ["Tokenizer", "default_model_path"]
@@ -14,5 +15,6 @@ def __getattr__(name):
     # Imported on first use, so `python -m data.default_model` does not import itself twice.
     if name == "default_model_path":
         from data.default_model import default_model_path
+
         return default_model_path
     raise AttributeError(name)

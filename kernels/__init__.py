@@ -14,6 +14,7 @@ All three take return_parts=True and then return (loss, LossParts(mle, ut, n_mle
 the mean -log p over MLE tokens and the mean -log(1 - p) over UT tokens, for logging
 (with reduction="mean", loss = mle + alpha * ut). `python -m kernels.bench` benchmarks them.
 """
+
 from .fused_linear import fused_linear_pt_loss
 from .pt_loss import pt_loss
 from .reference import LossParts, pt_loss_reference

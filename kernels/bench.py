@@ -24,6 +24,7 @@ mostly GEMMs); peak MB, the most memory allocated during forward + backward beyo
 allocated before (inputs), gradients included. On CUDA that is torch.cuda's peak counter; on
 CPU it is the allocator's running total recorded by torch.profiler for every allocation.
 """
+
 import argparse
 import importlib
 import statistics
@@ -39,14 +40,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # -----------------------------------------------------------------------------
 # The contenders, all with the signature (logits or hidden, [weight,] targets, ut_mask, alpha)
 
+
 def eager_loss(logits, targets, ut_mask, alpha):
     """The loss as typically written by hand, without a fused kernel."""
-    logp = torch.log_softmax(logits.float(), dim=-1)                    # (N, V) fp32
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V) fp32
     active = targets != -100
     logp_y = logp.gather(1, targets.clamp(min=0)[:, None])[:, 0]
     is_mle, is_ut = active & ~ut_mask, active & ut_mask
     mle = -(logp_y * is_mle).sum() / is_mle.sum().clamp(min=1)
-    one_minus_p = (1 - logp_y.exp()).clamp(min=1e-5)                    # the usual guard against log(0)
+    one_minus_p = (1 - logp_y.exp()).clamp(min=1e-5)  # the usual guard against log(0)
     ut = -(one_minus_p.log() * is_ut).sum() / is_ut.sum().clamp(min=1)
     return mle + alpha * ut
 
@@ -62,9 +64,11 @@ def liger_loss():
 
 
 def logit_methods(device):
-    methods = {"eager": eager_loss,
-               "compile": torch.compile(pt_loss_reference, dynamic=False),
-               "ptalign": lambda z, t, u, a: pt_loss(z, t, u, alpha=a)}
+    methods = {
+        "eager": eager_loss,
+        "compile": torch.compile(pt_loss_reference, dynamic=False),
+        "ptalign": lambda z, t, u, a: pt_loss(z, t, u, alpha=a),
+    }
     liger = liger_loss() if device.type == "cuda" else None
     if liger is not None:
         methods["liger-ce"] = liger
@@ -80,6 +84,7 @@ LINEAR_METHODS = {
 
 # -----------------------------------------------------------------------------
 # Measuring
+
 
 def synchronize(device):
     if device.type == "cuda":
@@ -108,7 +113,7 @@ def peak_mb(step, device):
         before = torch.cuda.memory_allocated(device)
         step()
         synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     return _cpu_peak_mb(step)
 
 
@@ -117,6 +122,7 @@ def _cpu_peak_mb(step):
     largest running total it reports (private profiler API: None if it changed)."""
     try:
         from torch._C._profiler import _EventType
+
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             step()
         allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
@@ -124,15 +130,16 @@ def _cpu_peak_mb(step):
             event = stack.pop()
             stack.extend(event.children)
             if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-                allocations.append((event.start_time_ns, event.extra_fields.alloc_size,
-                                    event.extra_fields.total_allocated))
+                allocations.append(
+                    (event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.total_allocated)
+                )
     except (ImportError, AttributeError, RuntimeError):
         return None
     if not allocations:
         return 0.0
     allocations.sort()
     start = allocations[0][2] - allocations[0][1]
-    return (max(total for _, _, total in allocations) - start) / 2 ** 20
+    return (max(total for _, _, total in allocations) - start) / 2**20
 
 
 def copy_bandwidth_gbs(device):
@@ -147,6 +154,7 @@ def copy_bandwidth_gbs(device):
 # -----------------------------------------------------------------------------
 # Inputs and one benchmark row
 
+
 def make_inputs(n_rows, n_vocab, hidden_size, dtype, device, seed=0):
     """Random logits, hidden states and weight, with 20% ignored tokens and 30% UT tokens."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -155,18 +163,20 @@ def make_inputs(n_rows, n_vocab, hidden_size, dtype, device, seed=0):
     ut_mask = torch.rand(n_rows, generator=gen) < 0.3
     logits = (torch.randn(n_rows, n_vocab, generator=gen) * 2).to(dtype)
     hidden = torch.randn(n_rows, hidden_size, generator=gen).to(dtype)
-    weight = (torch.randn(n_vocab, hidden_size, generator=gen) / hidden_size ** 0.5).to(dtype)
+    weight = (torch.randn(n_vocab, hidden_size, generator=gen) / hidden_size**0.5).to(dtype)
     to = lambda t: t.to(device)
     return to(logits), to(hidden), to(weight), to(targets), to(ut_mask)
 
 
 def step_for(fn, leaves, rest, alpha):
     """forward + backward of fn(*leaves, *rest), gradients dropped afterwards."""
+
     def step():
         loss = fn(*leaves, *rest, alpha)
         loss.backward()
         for leaf in leaves:
             leaf.grad = None
+
     return step
 
 
@@ -175,8 +185,11 @@ def run(args, device):
     dtype = DTYPES[args.dtype]
     bandwidth = args.bandwidth or copy_bandwidth_gbs(device)
     print(f"copy bandwidth: {bandwidth:.1f} GB/s ({'given' if args.bandwidth else 'measured'})")
-    print(table([dict(method=None, n=None, v=None, dtype=None, ms=None, floor_ms=None, share=None, peak_mb=None)])
-          .splitlines()[0])
+    print(
+        table(
+            [dict(method=None, n=None, v=None, dtype=None, ms=None, floor_ms=None, share=None, peak_mb=None)]
+        ).splitlines()[0]
+    )
     rows = []
     for n_vocab in args.v:
         for n_rows in args.n:
@@ -192,8 +205,18 @@ def run(args, device):
                 ms = time_ms(step, device, args.reps)
                 mb = peak_mb(step, device)
                 share = None if name.endswith("linear") else floor_ms / ms
-                rows.append(dict(method=name, n=n_rows, v=n_vocab, dtype=args.dtype, ms=ms, floor_ms=floor_ms,
-                                 share=share, peak_mb=mb))
+                rows.append(
+                    dict(
+                        method=name,
+                        n=n_rows,
+                        v=n_vocab,
+                        dtype=args.dtype,
+                        ms=ms,
+                        floor_ms=floor_ms,
+                        share=share,
+                        peak_mb=mb,
+                    )
+                )
                 print(format_row(rows[-1]), flush=True)
     return rows
 
@@ -203,9 +226,11 @@ def run_memory(args, device):
     dtype = DTYPES[args.dtype]
     n_rows, n_vocab = args.n[0], args.v[0]
     _, hidden, weight, targets, ut_mask = make_inputs(n_rows, n_vocab, args.hidden, dtype, device)
-    print(f"peak memory, forward + backward from hidden ({n_rows}, {args.hidden}) and weight "
-          f"({n_vocab}, {args.hidden}), {args.dtype}; the gradients returned are "
-          f"{(hidden.numel() + weight.numel()) * hidden.element_size() / 2 ** 20:.0f} MB of each peak")
+    print(
+        f"peak memory, forward + backward from hidden ({n_rows}, {args.hidden}) and weight "
+        f"({n_vocab}, {args.hidden}), {args.dtype}; the gradients returned are "
+        f"{(hidden.numel() + weight.numel()) * hidden.element_size() / 2**20:.0f} MB of each peak"
+    )
     rows = []
     for name, fn in LINEAR_METHODS.items():
         if args.only and name not in args.only:
@@ -223,15 +248,36 @@ def run_memory(args, device):
 # -----------------------------------------------------------------------------
 # Output: a markdown table, and a plot when matplotlib is there
 
-COLUMNS = [("method", "{}"), ("n", "{}"), ("v", "{}"), ("dtype", "{}"), ("ms", "{:.2f}"), ("floor_ms", "{:.2f}"),
-           ("share", "{:.0%}"), ("peak_mb", "{:.0f}"), ("vs_eager", "{:.3f}")]
-HEADERS = {"method": "method", "n": "N", "v": "V", "dtype": "dtype", "ms": "ms", "floor_ms": "floor ms",
-           "share": "% floor", "peak_mb": "peak MB", "vs_eager": "peak / eager"}
+COLUMNS = [
+    ("method", "{}"),
+    ("n", "{}"),
+    ("v", "{}"),
+    ("dtype", "{}"),
+    ("ms", "{:.2f}"),
+    ("floor_ms", "{:.2f}"),
+    ("share", "{:.0%}"),
+    ("peak_mb", "{:.0f}"),
+    ("vs_eager", "{:.3f}"),
+]
+HEADERS = {
+    "method": "method",
+    "n": "N",
+    "v": "V",
+    "dtype": "dtype",
+    "ms": "ms",
+    "floor_ms": "floor ms",
+    "share": "% floor",
+    "peak_mb": "peak MB",
+    "vs_eager": "peak / eager",
+}
 
 
 def format_row(row, columns=None):
-    cells = [fmt.format(row[key]) if row.get(key) is not None else "-" for key, fmt in COLUMNS
-             if key in (columns or [k for k, _ in COLUMNS if k in row])]
+    cells = [
+        fmt.format(row[key]) if row.get(key) is not None else "-"
+        for key, fmt in COLUMNS
+        if key in (columns or [k for k, _ in COLUMNS if k in row])
+    ]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -245,6 +291,7 @@ def write_png(rows, path):
     """ms against N, one panel per vocabulary size, one line per method."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -265,7 +312,9 @@ def write_png(rows, path):
 
 def main():
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--n", type=int, nargs="+", help="tokens (rows of logits)")
     p.add_argument("--v", type=int, nargs="+", help="vocabulary sizes")
     p.add_argument("--dtype", choices=DTYPES, help="logits / hidden dtype (default bf16 on CUDA, fp32 on CPU)")
@@ -293,9 +342,13 @@ def main():
     if cuda:
         print(f"device: {torch.cuda.get_device_name()}")
     else:
-        path = "the Triton interpreter" if importlib.import_module("kernels.pt_loss")._INTERPRETED else "chunked PyTorch"
-        print(f"device: CPU ({torch.get_num_threads()} threads). GPU timings need CUDA: these are the CPU paths, "
-              f"ptalign running as {path}.")
+        path = (
+            "the Triton interpreter" if importlib.import_module("kernels.pt_loss")._INTERPRETED else "chunked PyTorch"
+        )
+        print(
+            f"device: CPU ({torch.get_num_threads()} threads). GPU timings need CUDA: these are the CPU paths, "
+            f"ptalign running as {path}."
+        )
     rows = run_memory(args, device) if args.memory else run(args, device)
     text = table(rows)
     print("\n" + text)

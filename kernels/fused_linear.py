@@ -25,12 +25,13 @@ grad_output, per token for reduction="none", enters exactly through the row weig
 Each chunk runs the same code as pt_loss (`token_losses`, `grads_from_stats`): the Triton
 kernels on CUDA and under TRITON_INTERPRET=1, chunked PyTorch otherwise.
 """
+
 import torch
 
 from .pt_loss import grads_from_stats, token_losses
 from .reference import LOGIT_DTYPES, check_token_args, loss_parts, token_weights
 
-_CHUNK_BYTES = 256 << 20        # logits held at a time: 1024 rows of a 128k vocabulary in bf16
+_CHUNK_BYTES = 256 << 20  # logits held at a time: 1024 rows of a 128k vocabulary in bf16
 
 
 def default_chunk_size(n_vocab, elem_size):
@@ -45,16 +46,15 @@ class _FusedLinearPTLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, is_ut, weights, ignore_index, reduction, chunk_size):
         n_rows = hidden.shape[0]
         token_loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
-        stats = torch.empty(n_rows, 3, dtype=torch.float32, device=hidden.device)   # (c, coef, g_y)
+        stats = torch.empty(n_rows, 3, dtype=torch.float32, device=hidden.device)  # (c, coef, g_y)
         for start in range(0, n_rows, chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = hidden[rows] @ weight.t()                          # (n, V)
-            token_loss[rows] = token_losses(logits, targets[rows], is_ut[rows], None, ignore_index,
-                                            stats=stats[rows])
+            logits = hidden[rows] @ weight.t()  # (n, V)
+            token_loss[rows] = token_losses(logits, targets[rows], is_ut[rows], None, ignore_index, stats=stats[rows])
         ctx.save_for_backward(hidden, weight, targets, weights, stats)
         ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(token_loss)
-        weighted = weights * token_loss                                 # (N,) fp32
+        weighted = weights * token_loss  # (N,) fp32
         return (weighted if reduction == "none" else weighted.sum()), token_loss
 
     @staticmethod
@@ -62,14 +62,14 @@ class _FusedLinearPTLoss(torch.autograd.Function):
         hidden, weight, targets, weights, stats = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         n_rows, n_vocab = hidden.shape[0], weight.shape[0]
-        row_weights = weights * grad_loss.reshape(-1).float()          # grad_output folded in, per token if need be
+        row_weights = weights * grad_loss.reshape(-1).float()  # grad_output folded in, per token if need be
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_hidden else None
         grad_weight = torch.empty_like(weight) if want_weight else None
-        block = max(1, ctx.chunk_size * n_vocab // max(n_rows, 1))       # columns: as many logits as a chunk of rows
+        block = max(1, ctx.chunk_size * n_vocab // max(n_rows, 1))  # columns: as many logits as a chunk of rows
         for v0 in range(0, n_vocab, block):
             cols = slice(v0, v0 + block)
-            logits = hidden @ weight[cols].t()                          # (N, v)
-            grads_from_stats(logits, v0, targets, stats, row_weights, logits)   # now d loss / d logits
+            logits = hidden @ weight[cols].t()  # (N, v)
+            grads_from_stats(logits, v0, targets, stats, row_weights, logits)  # now d loss / d logits
             if want_weight:
                 torch.mm(logits.t(), hidden, out=grad_weight[cols])
             if want_hidden:
@@ -79,8 +79,17 @@ class _FusedLinearPTLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
-def fused_linear_pt_loss(hidden, weight, targets, ut_mask, alpha=1.0, ignore_index=-100, reduction="mean",
-                         chunk_size=None, return_parts=False):
+def fused_linear_pt_loss(
+    hidden,
+    weight,
+    targets,
+    ut_mask,
+    alpha=1.0,
+    ignore_index=-100,
+    reduction="mean",
+    chunk_size=None,
+    return_parts=False,
+):
     """pt_loss(hidden @ weight.T, ...) without ever holding the (N, V) logits.
 
     hidden (N, H) final hidden states, weight (V, H) the output projection (lm_head or tied
@@ -96,11 +105,14 @@ def fused_linear_pt_loss(hidden, weight, targets, ut_mask, alpha=1.0, ignore_ind
     if hidden.dtype not in LOGIT_DTYPES:
         raise ValueError(f"hidden dtype must be one of {[str(d) for d in LOGIT_DTYPES]}, got {hidden.dtype}")
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise ValueError(f"weight must have the dtype and device of hidden ({hidden.dtype}, {hidden.device}), "
-                         f"got {weight.dtype}, {weight.device}")
+        raise ValueError(
+            f"weight must have the dtype and device of hidden ({hidden.dtype}, {hidden.device}), "
+            f"got {weight.dtype}, {weight.device}"
+        )
     if weight.shape[1] != hidden.shape[1] or weight.shape[0] < 1:
-        raise ValueError(f"weight must have shape (V, {hidden.shape[1]}) to match hidden's width, "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape (V, {hidden.shape[1]}) to match hidden's width, got {tuple(weight.shape)}"
+        )
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     check_token_args(targets, ut_mask, hidden, "hidden", alpha, ignore_index, reduction)
@@ -108,8 +120,9 @@ def fused_linear_pt_loss(hidden, weight, targets, ut_mask, alpha=1.0, ignore_ind
     targets, is_ut = targets.reshape(-1).long(), ut_mask.reshape(-1)
     weights = token_weights(targets, is_ut, alpha, ignore_index, reduction)
     chunk_size = chunk_size or default_chunk_size(weight.shape[0], weight.element_size())
-    loss, token_loss = _FusedLinearPTLoss.apply(hidden, weight, targets, is_ut, weights, ignore_index, reduction,
-                                                chunk_size)
+    loss, token_loss = _FusedLinearPTLoss.apply(
+        hidden, weight, targets, is_ut, weights, ignore_index, reduction, chunk_size
+    )
     if return_parts:
         return loss, loss_parts(token_loss, targets, is_ut, ignore_index)
     return loss

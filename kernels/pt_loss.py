@@ -39,6 +39,7 @@ for a version tuned on hardware. Without gradients (eval) the kernel reads once:
 Without CUDA the same math runs as the Triton kernel under TRITON_INTERPRET=1 (tests), or
 otherwise as chunked PyTorch (`_token_losses_torch`), which gives the same results.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -46,9 +47,9 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from .reference import check_loss_args, loss_parts, token_weights
 
-
 # -----------------------------------------------------------------------------
 # The Triton kernels
+
 
 @triton.jit
 def _log1p(x):
@@ -90,40 +91,55 @@ def _grad_tile(z, cols, y, c, coef, g_y):
 
 @triton.jit
 def _pt_loss_kernel(
-    logits_ptr, grad_ptr, targets_ptr, is_ut_ptr, weights_ptr, loss_ptr, stats_ptr,
-    n_rows, n_vocab, ignore_index,
+    logits_ptr,
+    grad_ptr,
+    targets_ptr,
+    is_ut_ptr,
+    weights_ptr,
+    loss_ptr,
+    stats_ptr,
+    n_rows,
+    n_vocab,
+    ignore_index,
     # row r starts at (r // seq_len) * stride_seq + (r % seq_len) * stride_row: (N, V) and
     # sliced (B, T, V) logits alike, without a copy
-    seq_len, stride_seq, stride_row, grad_stride_seq, grad_stride_row,
-    WRITE_GRAD: tl.constexpr, WRITE_STATS: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    seq_len,
+    stride_seq,
+    stride_row,
+    grad_stride_seq,
+    grad_stride_row,
+    WRITE_GRAD: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
     ROUND_BY_HAND: tl.constexpr,
 ):
     """Loss of ROWS rows and, as asked, their weighted gradient (a second pass over the
     vocabulary) and their gradient coefficients (c, coef, g_y) for a later `_pt_grad_kernel`."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)                 # (ROWS,)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     in_batch = rows < n_rows
     y = tl.load(targets_ptr + rows, mask=in_batch, other=ignore_index).to(tl.int64)
     is_ut = tl.load(is_ut_ptr + rows, mask=in_batch, other=0) != 0
     active = in_batch & (y != ignore_index)
-    rows64 = rows.to(tl.int64)                                          # N * V passes 2^31 at real sizes
+    rows64 = rows.to(tl.int64)  # N * V passes 2^31 at real sizes
     row_start = (rows64 // seq_len) * stride_seq + (rows64 % seq_len) * stride_row
     cols0 = tl.arange(0, BLOCK_V)
 
     # Pass 1: online max and sum of the competitors j != y, in fp32. Ignored rows load
     # nothing. m_ex starts finite so that exp(-inf - m_ex) is 0, never NaN.
     m_ex = tl.full([ROWS], -1.0e30, tl.float32)
-    d_ex = tl.zeros([ROWS], tl.float32)                                 # sum_{j != y} exp(z_j - m_ex)
+    d_ex = tl.zeros([ROWS], tl.float32)  # sum_{j != y} exp(z_j - m_ex)
     # (The target is dropped after the load: a mask that varies inside a vector of columns
     # would stop the loads from being vectorised.)
     for v0 in range(0, n_vocab, BLOCK_V):
         cols = v0 + cols0
         mask = active[:, None] & (cols[None, :] < n_vocab)
         z = tl.load(logits_ptr + row_start[:, None] + cols[None, :], mask=mask, other=float("-inf"))
-        z = tl.where(cols[None, :] == y[:, None], float("-inf"), z.to(tl.float32))   # (ROWS, BLOCK_V)
+        z = tl.where(cols[None, :] == y[:, None], float("-inf"), z.to(tl.float32))  # (ROWS, BLOCK_V)
         m_new = tl.maximum(m_ex, tl.max(z, axis=1))
         d_ex = d_ex * tl.exp(m_ex - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m_ex = m_new
-    has_ex = d_ex > 0.0                                                 # False: no finite competitor
+    has_ex = d_ex > 0.0  # False: no finite competitor
     lse_ex = tl.where(has_ex, m_ex + tl.log(tl.where(has_ex, d_ex, 1.0)), float("-inf"))
 
     # The target column, read on its own in fp32. A target outside [0, V) gives NaN, not a
@@ -131,16 +147,16 @@ def _pt_loss_kernel(
     y_ok = active & (y >= 0) & (y < n_vocab)
     z_y = tl.load(logits_ptr + row_start + y, mask=y_ok, other=0.0).to(tl.float32)
     z_y = tl.where(y_ok | ~active, z_y, float("nan"))
-    a = tl.where(active, lse_ex - z_y, 0.0)                             # log((1 - p_y) / p_y)
-    mle_loss = _softplus(a)                                             # -log p_y
-    ut_loss = _softplus(-a)                                             # -log(1 - p_y)
+    a = tl.where(active, lse_ex - z_y, 0.0)  # log((1 - p_y) / p_y)
+    mle_loss = _softplus(a)  # -log p_y
+    ut_loss = _softplus(-a)  # -log(1 - p_y)
     loss = tl.where(active, tl.where(is_ut, ut_loss, mle_loss), 0.0)
     tl.store(loss_ptr + rows, loss, mask=in_batch)
 
     # The gradient, unweighted: g_j = coef * exp(z_j - c) for j != y, and g_y
     p_y = tl.exp(-mle_loss)
-    q_y = tl.exp(-ut_loss)                                              # 1 - p_y, without computing 1 - p_y
-    c = tl.where(is_ut, lse_ex, z_y + mle_loss)                         # lse_ex, or lse = z_y - log p_y
+    q_y = tl.exp(-ut_loss)  # 1 - p_y, without computing 1 - p_y
+    c = tl.where(is_ut, lse_ex, z_y + mle_loss)  # lse_ex, or lse = z_y - log p_y
     c = tl.where(active & has_ex, c, 0.0)
     coef = tl.where(active, tl.where(is_ut, -p_y, 1.0), 0.0)
     g_y = tl.where(active, tl.where(is_ut, p_y, -q_y), 0.0)
@@ -158,42 +174,66 @@ def _pt_loss_kernel(
         for b in range(0, n_blocks):
             cols = (n_blocks - 1 - b) * BLOCK_V + cols0
             in_vocab = cols[None, :] < n_vocab
-            z = tl.load(logits_ptr + row_start[:, None] + cols[None, :],
-                        mask=active[:, None] & in_vocab, other=float("-inf"))
-            g = _grad_tile(z.to(tl.float32), cols, y, c, w * coef, w * g_y)   # (ROWS, BLOCK_V)
-            tl.store(grad_ptr + grad_start[:, None] + cols[None, :], _cast_for(g, grad_ptr, ROUND_BY_HAND),
-                     mask=in_batch[:, None] & in_vocab)
+            z = tl.load(
+                logits_ptr + row_start[:, None] + cols[None, :], mask=active[:, None] & in_vocab, other=float("-inf")
+            )
+            g = _grad_tile(z.to(tl.float32), cols, y, c, w * coef, w * g_y)  # (ROWS, BLOCK_V)
+            tl.store(
+                grad_ptr + grad_start[:, None] + cols[None, :],
+                _cast_for(g, grad_ptr, ROUND_BY_HAND),
+                mask=in_batch[:, None] & in_vocab,
+            )
 
 
 @triton.jit
 def _pt_grad_kernel(
-    logits_ptr, grad_ptr, targets_ptr, stats_ptr, weights_ptr,
-    n_rows, n_cols, col0, stride_row, grad_stride_row,
-    ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
+    logits_ptr,
+    grad_ptr,
+    targets_ptr,
+    stats_ptr,
+    weights_ptr,
+    n_rows,
+    n_cols,
+    col0,
+    stride_row,
+    grad_stride_row,
+    ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr,
 ):
     """The weighted gradient of one tile of a block of columns [col0, col0 + n_cols) of the
     logits, from the row statistics an earlier pass stored: one read, one write."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     in_batch = rows < n_rows
-    y = tl.load(targets_ptr + rows, mask=in_batch, other=-1).to(tl.int64) - col0   # target column in the block
+    y = tl.load(targets_ptr + rows, mask=in_batch, other=-1).to(tl.int64) - col0  # target column in the block
     w = tl.load(weights_ptr + rows, mask=in_batch, other=0.0)
     c = tl.load(stats_ptr + rows * 3, mask=in_batch, other=0.0)
     coef = tl.load(stats_ptr + rows * 3 + 1, mask=in_batch, other=0.0)
     g_y = tl.load(stats_ptr + rows * 3 + 2, mask=in_batch, other=0.0)
     rows64 = rows.to(tl.int64)
     mask = in_batch[:, None] & (cols[None, :] < n_cols)
-    live = (w * coef != 0.0)[:, None]                                   # ignored rows: write zeros, read nothing
+    live = (w * coef != 0.0)[:, None]  # ignored rows: write zeros, read nothing
     z = tl.load(logits_ptr + rows64[:, None] * stride_row + cols[None, :], mask=mask & live, other=float("-inf"))
     g = _grad_tile(z.to(tl.float32), cols, y, c, w * coef, w * g_y)
-    tl.store(grad_ptr + rows64[:, None] * grad_stride_row + cols[None, :], _cast_for(g, grad_ptr, ROUND_BY_HAND),
-             mask=mask)
+    tl.store(
+        grad_ptr + rows64[:, None] * grad_stride_row + cols[None, :], _cast_for(g, grad_ptr, ROUND_BY_HAND), mask=mask
+    )
 
 
 @triton.jit
 def _scale_rows_kernel(
-    x_ptr, scale_ptr, scale_stride, n_rows, n_cols, seq_len, stride_seq, stride_row,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
+    x_ptr,
+    scale_ptr,
+    scale_stride,
+    n_rows,
+    n_cols,
+    seq_len,
+    stride_seq,
+    stride_row,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr,
 ):
     """x[row] *= scale[row] for one tile; a tile whose scales are all exactly 1 touches no memory."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -249,12 +289,27 @@ def _token_losses_triton(logits, targets, is_ut, weights, ignore_index, grad, st
     seq_len, stride_seq, stride_row = _row_layout(logits)
     _, grad_stride_seq, grad_stride_row = _row_layout(grad if grad is not None else logits)
     _pt_loss_kernel[(triton.cdiv(n_rows, rows),)](
-        logits, grad if grad is not None else logits, targets, is_ut.view(torch.int8),
-        weights if weights is not None else token_loss, token_loss, stats if stats is not None else token_loss,
-        n_rows, n_vocab, ignore_index,
-        seq_len, stride_seq, stride_row, grad_stride_seq, grad_stride_row,
-        WRITE_GRAD=grad is not None, WRITE_STATS=stats is not None, ROWS=rows, BLOCK_V=block_v,
-        ROUND_BY_HAND=_INTERPRETED, num_warps=num_warps,
+        logits,
+        grad if grad is not None else logits,
+        targets,
+        is_ut.view(torch.int8),
+        weights if weights is not None else token_loss,
+        token_loss,
+        stats if stats is not None else token_loss,
+        n_rows,
+        n_vocab,
+        ignore_index,
+        seq_len,
+        stride_seq,
+        stride_row,
+        grad_stride_seq,
+        grad_stride_row,
+        WRITE_GRAD=grad is not None,
+        WRITE_STATS=stats is not None,
+        ROWS=rows,
+        BLOCK_V=block_v,
+        ROUND_BY_HAND=_INTERPRETED,
+        num_warps=num_warps,
     )
     return token_loss
 
@@ -264,26 +319,39 @@ def _grads_from_stats_triton(logits, col0, targets, stats, weights, grad):
     n_rows, n_cols = logits.shape
     rows, block_v, num_warps = _launch_shape(n_cols, logits.element_size())
     grid = (triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block_v))
-    _pt_grad_kernel[grid](logits, grad, targets, stats, weights, n_rows, n_cols, col0,
-                          logits.stride(0), grad.stride(0), ROWS=rows, BLOCK_V=block_v,
-                          ROUND_BY_HAND=_INTERPRETED, num_warps=min(num_warps, 8))
+    _pt_grad_kernel[grid](
+        logits,
+        grad,
+        targets,
+        stats,
+        weights,
+        n_rows,
+        n_cols,
+        col0,
+        logits.stride(0),
+        grad.stride(0),
+        ROWS=rows,
+        BLOCK_V=block_v,
+        ROUND_BY_HAND=_INTERPRETED,
+        num_warps=min(num_warps, 8),
+    )
 
 
 # -----------------------------------------------------------------------------
 # The same math in chunked PyTorch, for machines with neither CUDA nor the interpreter
 
-_TORCH_CHUNK_ELEMENTS = 1 << 23   # 8M logits per chunk: a few fp32 temporaries of 32 MB each
+_TORCH_CHUNK_ELEMENTS = 1 << 23  # 8M logits per chunk: a few fp32 temporaries of 32 MB each
 
 
 def _row_chunks(x, rows):
     """(first_row, view) pairs covering the rows of a (N, V) or (B, T, V) tensor, `rows` at a time."""
     if x.dim() == 2:
         for start in range(0, x.shape[0], rows):
-            yield start, x[start:start + rows]
+            yield start, x[start : start + rows]
         return
     for b in range(x.shape[0]):
         for t in range(0, x.shape[1], rows):
-            yield b * x.shape[1] + t, x[b, t:t + rows]
+            yield b * x.shape[1] + t, x[b, t : t + rows]
 
 
 def _softplus_torch(x):
@@ -303,12 +371,12 @@ def _token_losses_torch(logits, targets, is_ut, weights, ignore_index, grad, sta
         y, ut = targets[span], is_ut[span]
         active = y != ignore_index
         y_ok = active & (y >= 0) & (y < n_vocab)
-        y_col = torch.where(y_ok, y, 0)[:, None]                         # (n, 1)
+        y_col = torch.where(y_ok, y, 0)[:, None]  # (n, 1)
         z_y = z.gather(1, y_col)[:, 0].float()
         z_y = torch.where(y_ok | ~active, z_y, float("nan"))
-        z_ex = z.to(torch.float32, copy=True).scatter_(1, y_col, float("-inf"))   # (n, V) competitors only
-        m_ex = z_ex.amax(dim=1).clamp(min=-1e30)                          # (n,)
-        e = z_ex.sub_(m_ex[:, None]).exp_()                               # exp(z_j - m_ex), 0 at y
+        z_ex = z.to(torch.float32, copy=True).scatter_(1, y_col, float("-inf"))  # (n, V) competitors only
+        m_ex = z_ex.amax(dim=1).clamp(min=-1e30)  # (n,)
+        e = z_ex.sub_(m_ex[:, None]).exp_()  # exp(z_j - m_ex), 0 at y
         d_ex = e.sum(dim=1)
         has_ex = d_ex > 0
         lse_ex = torch.where(has_ex, m_ex + torch.log(d_ex), float("-inf"))
@@ -326,7 +394,7 @@ def _token_losses_torch(logits, targets, is_ut, weights, ignore_index, grad, sta
             w = weights[span]
             # e holds exp(z_j - m_ex): rescale each row to w * coef * exp(z_j - c)
             g = e.mul_((w * coef * torch.exp(m_ex - c))[:, None]).scatter_(1, y_col, (w * g_y)[:, None])
-            g.masked_fill_(~active[:, None], 0.0)                         # ignored rows: exactly 0
+            g.masked_fill_(~active[:, None], 0.0)  # ignored rows: exactly 0
             next(grad_chunks)[1].copy_(g)
     return token_loss
 
@@ -340,8 +408,8 @@ def _grads_from_stats_torch(logits, col0, targets, stats, weights, grad):
         c, coef, g_y = stats[span].unbind(1)
         w = weights[span]
         g = logits[span].to(torch.float32, copy=True).sub_(c[:, None]).clamp_(max=0.0).exp_()
-        g.mul_((w * coef)[:, None])                                       # (n, n_cols)
-        y = targets[span] - col0                                          # the target's column in this block
+        g.mul_((w * coef)[:, None])  # (n, n_cols)
+        y = targets[span] - col0  # the target's column in this block
         in_block = (y >= 0) & (y < n_cols)
         y_col = torch.where(in_block, y, 0)[:, None]
         g.scatter_(1, y_col, torch.where(in_block, w * g_y, g.gather(1, y_col)[:, 0])[:, None])
@@ -350,6 +418,7 @@ def _grads_from_stats_torch(logits, col0, targets, stats, weights, grad):
 
 # -----------------------------------------------------------------------------
 # Shared entry points, also used by fused_linear.py
+
 
 def token_losses(logits, targets, is_ut, weights, ignore_index, grad=None, stats=None):
     """Per-token loss, fp32 (N,): -log p on MLE rows, -log(1 - p) on UT rows, 0 on ignored rows.
@@ -391,14 +460,25 @@ def scale_rows_(x, scale):
     block = min(triton.next_power_of_2(n_cols), 4096)
     rows = max(1, (32768 if _INTERPRETED else 4096) // block)
     grid = (triton.cdiv(n_rows, rows), triton.cdiv(n_cols, block))
-    _scale_rows_kernel[grid](x, scale, scale.stride(0) if per_row else 0, n_rows, n_cols,
-                             seq_len, stride_seq, stride_row, ROWS=rows, BLOCK=block,
-                             ROUND_BY_HAND=_INTERPRETED)
+    _scale_rows_kernel[grid](
+        x,
+        scale,
+        scale.stride(0) if per_row else 0,
+        n_rows,
+        n_cols,
+        seq_len,
+        stride_seq,
+        stride_row,
+        ROWS=rows,
+        BLOCK=block,
+        ROUND_BY_HAND=_INTERPRETED,
+    )
     return x
 
 
 # -----------------------------------------------------------------------------
 # The autograd function and the public entry point
+
 
 class _PTLoss(torch.autograd.Function):
     """Forward computes the loss and writes the gradient; backward applies grad_output to it."""
@@ -414,23 +494,26 @@ class _PTLoss(torch.autograd.Function):
             torch.autograd.graph.increment_version(logits)
         ctx.grad, ctx.grad_used = grad, False
         ctx.mark_non_differentiable(token_loss)
-        weighted = weights * token_loss                                   # (N,) fp32
+        weighted = weights * token_loss  # (N,) fp32
         loss = weighted if reduction == "none" else weighted.sum()
         return loss, token_loss
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_token_loss):
         if ctx.grad_used:
-            raise RuntimeError("pt_loss writes its gradient in the forward pass and can be backpropagated "
-                               "once; compute the loss again for another backward")
+            raise RuntimeError(
+                "pt_loss writes its gradient in the forward pass and can be backpropagated "
+                "once; compute the loss again for another backward"
+            )
         ctx.grad_used = True
         grad = scale_rows_(ctx.grad, grad_loss)
         ctx.grad = None
         return grad, None, None, None, None, None, None, None
 
 
-def pt_loss(logits, targets, ut_mask, alpha=1.0, ignore_index=-100, reduction="mean", inplace=False,
-            return_parts=False):
+def pt_loss(
+    logits, targets, ut_mask, alpha=1.0, ignore_index=-100, reduction="mean", inplace=False, return_parts=False
+):
     """The PT-ALIGN loss from logits, fused: loss and gradient in one kernel.
 
     logits (N, V) or (B, T, V), bf16 / fp16 / fp32, any row stride (the vocabulary dim must be
@@ -447,14 +530,14 @@ def pt_loss(logits, targets, ut_mask, alpha=1.0, ignore_index=-100, reduction="m
     """
     check_loss_args(logits, targets, ut_mask, alpha, ignore_index, reduction)
     if logits.stride(-1) != 1:
-        raise ValueError(f"logits must be contiguous along the vocabulary (last) dim, got strides "
-                         f"{tuple(logits.stride())}")
+        raise ValueError(
+            f"logits must be contiguous along the vocabulary (last) dim, got strides {tuple(logits.stride())}"
+        )
     token_shape = targets.shape
     targets, is_ut = targets.reshape(-1).long(), ut_mask.reshape(-1)
     weights = token_weights(targets, is_ut, alpha, ignore_index, reduction)
     want_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, token_loss = _PTLoss.apply(logits, targets, is_ut, weights, ignore_index, reduction, inplace,
-                                     want_grad)
+    loss, token_loss = _PTLoss.apply(logits, targets, is_ut, weights, ignore_index, reduction, inplace, want_grad)
     if reduction == "none":
         loss = loss.view(token_shape)
     if return_parts:

@@ -19,6 +19,7 @@ but it is short enough to check by eye, autograd gives its gradient, and the fas
 three paths share: argument checks, the token weights that express the reduction, and the
 per-part numbers training logs.
 """
+
 import math
 from typing import NamedTuple
 
@@ -30,10 +31,11 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 class LossParts(NamedTuple):
     """The two halves of the loss, for logging: with reduction="mean", loss = mle + alpha * ut."""
-    mle: torch.Tensor    # mean -log p over MLE tokens (0 when there are none)
-    ut: torch.Tensor     # mean -log(1 - p) over UT tokens (0 when there are none)
+
+    mle: torch.Tensor  # mean -log p over MLE tokens (0 when there are none)
+    ut: torch.Tensor  # mean -log(1 - p) over UT tokens (0 when there are none)
     n_mle: torch.Tensor  # number of MLE tokens
-    n_ut: torch.Tensor   # number of UT tokens
+    n_ut: torch.Tensor  # number of UT tokens
 
 
 def check_loss_args(logits, targets, ut_mask, alpha, ignore_index, reduction, dtypes=LOGIT_DTYPES):
@@ -54,8 +56,10 @@ def check_token_args(targets, ut_mask, rows, rows_name, alpha, ignore_index, red
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.shape != rows.shape[:-1] and t.shape != (rows.shape[:-1].numel(),):
-            raise ValueError(f"{name} must have shape {tuple(rows.shape[:-1])} (one entry per row of "
-                             f"{rows_name}), got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must have shape {tuple(rows.shape[:-1])} (one entry per row of "
+                f"{rows_name}), got {tuple(t.shape)}"
+            )
         if t.device != rows.device:
             raise ValueError(f"{name} must be on the device of {rows_name} ({rows.device}), got {t.device}")
     if targets.dtype not in (torch.int64, torch.int32):
@@ -77,8 +81,7 @@ def token_roles(targets, ut_mask, ignore_index):
     return active & ~ut, active & ut
 
 
-def pt_loss_reference(logits, targets, ut_mask, alpha=1.0, ignore_index=-100, reduction="mean",
-                      return_parts=False):
+def pt_loss_reference(logits, targets, ut_mask, alpha=1.0, ignore_index=-100, reduction="mean", return_parts=False):
     """The PT-ALIGN loss from logits, in float64 if given float64 (else fp32); autograd does the gradient.
 
     logits (N, V) or (B, T, V); targets and ut_mask one entry per row. reduction="mean" is L
@@ -86,25 +89,24 @@ def pt_loss_reference(logits, targets, ut_mask, alpha=1.0, ignore_index=-100, re
     of that sum (0 for ignored tokens), shaped like targets. With return_parts=True the
     result is (loss, LossParts).
     """
-    check_loss_args(logits, targets, ut_mask, alpha, ignore_index, reduction,
-                    dtypes=LOGIT_DTYPES + (torch.float64,))
+    check_loss_args(logits, targets, ut_mask, alpha, ignore_index, reduction, dtypes=LOGIT_DTYPES + (torch.float64,))
     V = logits.shape[-1]
-    z = logits.reshape(-1, V)                                  # (N, V)
+    z = logits.reshape(-1, V)  # (N, V)
     z = z if z.dtype == torch.float64 else z.float()
     is_mle, is_ut = token_roles(targets, ut_mask, ignore_index)
-    y = torch.where(is_mle | is_ut, targets.reshape(-1), 0)    # ignored rows look at column 0, then drop out
-    y = y.long()[:, None]                                      # (N, 1)
+    y = torch.where(is_mle | is_ut, targets.reshape(-1), 0)  # ignored rows look at column 0, then drop out
+    y = y.long()[:, None]  # (N, 1)
 
-    lse = torch.logsumexp(z, dim=-1)                           # log sum_j e^{z_j}
-    log_p = z.gather(1, y)[:, 0] - lse                         # log p_y
+    lse = torch.logsumexp(z, dim=-1)  # log sum_j e^{z_j}
+    log_p = z.gather(1, y)[:, 0] - lse  # log p_y
     # log(1 - p_y) straight from the other columns: no 1 - p, which is 0 in floating point
     # as soon as p rounds to 1.
-    lse_others = torch.logsumexp(z.scatter(1, y, -math.inf), dim=-1)   # log sum_{j != y} e^{z_j}
-    log_1mp = lse_others - lse                                 # log(1 - p_y)
+    lse_others = torch.logsumexp(z.scatter(1, y, -math.inf), dim=-1)  # log sum_{j != y} e^{z_j}
+    log_1mp = lse_others - lse  # log(1 - p_y)
 
     zero = z.new_zeros(())
-    mle_loss = torch.where(is_mle, -log_p, zero)               # (N,)  -log p on MLE tokens
-    ut_loss = torch.where(is_ut, -log_1mp, zero)               # (N,)  -log(1 - p) on UT tokens
+    mle_loss = torch.where(is_mle, -log_p, zero)  # (N,)  -log p on MLE tokens
+    ut_loss = torch.where(is_ut, -log_1mp, zero)  # (N,)  -log(1 - p) on UT tokens
     n_mle, n_ut = is_mle.sum(), is_ut.sum()
 
     if reduction == "mean":
@@ -130,7 +132,7 @@ def token_weights(targets, ut_mask, alpha, ignore_index, reduction):
     if reduction == "mean":
         w_mle = 1.0 / is_mle.sum().clamp(min=1).float()
         w_ut = alpha / is_ut.sum().clamp(min=1).float()
-    return is_mle * w_mle + is_ut * w_ut                       # (N,) fp32, 0 on ignored tokens
+    return is_mle * w_mle + is_ut * w_ut  # (N,) fp32, 0 on ignored tokens
 
 
 def loss_parts(token_loss, targets, ut_mask, ignore_index):

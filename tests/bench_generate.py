@@ -8,6 +8,7 @@ Rows: decode tokens/s at batch 1 and batch 8 (greedy, fixed number of new tokens
 stop), and prefill tokens/s (one forward pass over a batch of prompts). Each number is the
 best of --repeats runs, so a busy machine penalises both sides alike.
 """
+
 import argparse
 import sys
 import time
@@ -62,8 +63,15 @@ def main():
 
         def hf():
             with torch.inference_mode():
-                ref.generate(tokens, attention_mask=valid.long(), max_new_tokens=args.new_tokens,
-                             min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_id)
+                ref.generate(
+                    tokens,
+                    attention_mask=valid.long(),
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_id,
+                )
+
         theirs = best_of(hf, args.repeats)
         rows.append((f"decode, batch {B}, {args.new_tokens} new tokens", n / ours, n / theirs))
     tokens, valid = left_pad(ids, tok.pad_id, "cpu")
@@ -73,8 +81,10 @@ def main():
         theirs = best_of(lambda: ref(tokens, attention_mask=valid.long()), args.repeats)
     rows.append((f"prefill, batch 8 ({n} prompt tokens)", n / ours, n / theirs))
 
-    print(f"model: {model.source_dir}, fp32, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}\n")
+    print(
+        f"model: {model.source_dir}, fp32, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}\n"
+    )
     print("| tokens/s | generate.py | transformers | ratio |\n| --- | ---: | ---: | ---: |")
     for name, a, b in rows:
         print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")

@@ -15,6 +15,7 @@ prompt prefill included:
 - pipeline: `ptalign.chat` over all --prompts prompts in batches of --batch-size, with the
   shared few-shot prefix prefilled once per batch, as `generate` runs them.
 """
+
 import argparse
 import sys
 import time
@@ -40,28 +41,36 @@ def main():
     model, tok = load(args.model, "cpu", "float32")
     seeds = ptalign.load_seeds()
     questions = [q for c in seeds.categories for q in c["examples"]]
-    questions = (questions * (args.prompts // len(questions) + 1))[:args.prompts]
+    questions = (questions * (args.prompts // len(questions) + 1))[: args.prompts]
     system = ptalign.POSITIVE_SYSTEM.format(principles=ptalign.bullets(seeds.principles))
     convs = [ptalign.few_shot(system, seeds.exemplars, "positive", q) for q in questions]
     start = ptalign.POSITIVE_REPLY_START
     gen = ptalign.GenSettings(args.max_new_tokens, batch_size=args.batch_size)
 
-    ids = [tok.apply_chat_template(c, add_generation_prompt=True) + tok.encode(start)
-           for c in convs[:args.batch1_prompts]]
+    ids = [
+        tok.apply_chat_template(c, add_generation_prompt=True) + tok.encode(start) for c in convs[: args.batch1_prompts]
+    ]
     g = torch.Generator().manual_seed(0)
     t0, n1 = time.perf_counter(), 0
     for one in ids:
-        n1 += len(generate_ids(model, [one], tok.stop_ids, tok.pad_id, gen.max_new_tokens,
-                               gen.temperature, gen.top_p, g)[0])
+        n1 += len(
+            generate_ids(model, [one], tok.stop_ids, tok.pad_id, gen.max_new_tokens, gen.temperature, gen.top_p, g)[0]
+        )
     t1 = time.perf_counter() - t0
 
     ptalign.chat(model, tok, convs, gen, 0, reply_starts=[start] * len(convs))
-    rows = [("batch 1 (generate_ids, one prompt at a time)", len(ids), n1, t1),
-            (f"pipeline (ptalign.chat, batch {args.batch_size})", len(convs), gen.tally.tokens, gen.tally.seconds)]
+    rows = [
+        ("batch 1 (generate_ids, one prompt at a time)", len(ids), n1, t1),
+        (f"pipeline (ptalign.chat, batch {args.batch_size})", len(convs), gen.tally.tokens, gen.tally.seconds),
+    ]
 
-    print(f"model: {model.source_dir}, fp32, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"prompt: {len(ids[0])} tokens, {args.max_new_tokens} new tokens at most, sampled\n")
-    print("| generation | prompts | tokens | seconds | tokens/s | speed-up |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        f"model: {model.source_dir}, fp32, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"prompt: {len(ids[0])} tokens, {args.max_new_tokens} new tokens at most, sampled\n"
+    )
+    print(
+        "| generation | prompts | tokens | seconds | tokens/s | speed-up |\n| --- | ---: | ---: | ---: | ---: | ---: |"
+    )
     base = n1 / t1
     for name, n_prompts, n, t in rows:
         print(f"| {name} | {n_prompts} | {n} | {t:.1f} | {n / t:.1f} | {n / t / base:.1f}x |")

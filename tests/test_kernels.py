@@ -8,6 +8,7 @@ and gradients; 16-bit inputs, loss within 1e-3 of the float64 loss of the same 1
 gradients within one rounding of the gradient's own dtype (two when grad_output is not 1:
 the gradient is written, rounded, in forward and scaled in backward).
 """
+
 import importlib
 import math
 
@@ -16,13 +17,13 @@ import torch
 
 from kernels import LossParts, fused_linear_pt_loss, pt_loss, pt_loss_reference
 
-P = importlib.import_module("kernels.pt_loss")   # the module (the package exports the function of that name)
+P = importlib.import_module("kernels.pt_loss")  # the module (the package exports the function of that name)
 
-REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}       # loss
-GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}   # gradient, per element
+REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}  # loss
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11}  # gradient, per element
 
 
-DEVICE = "cpu"   # where loss_and_grad runs the loss: CUDA for the "triton" backend when there is one
+DEVICE = "cpu"  # where loss_and_grad runs the loss: CUDA for the "triton" backend when there is one
 
 
 @pytest.fixture(params=["triton", "torch"])
@@ -55,7 +56,7 @@ def make_batch(n_rows, n_vocab, dtype=torch.float32, kind="mixed", seed=0, scale
     if n_vocab > 1:
         for i in confident.nonzero().flatten().tolist():
             p = 0.99 + 0.0099 * torch.rand((), generator=gen, dtype=torch.float64)
-            others = torch.cat([z[i, :targets[i]], z[i, targets[i] + 1:]])
+            others = torch.cat([z[i, : targets[i]], z[i, targets[i] + 1 :]])
             z[i, targets[i]] = torch.logsumexp(others, 0) + torch.log(p / (1 - p))
     return z.to(dtype), targets, ut_mask
 
@@ -83,7 +84,7 @@ def on_device(t):
 
 def loss_and_grad(fn, logits, *args, grad_output=None, **kwargs):
     """fn's loss and the gradient of (loss * grad_output).sum() with respect to logits (on the CPU)."""
-    logits = on_device(logits.detach()).requires_grad_()      # detach, not clone: the layout stays
+    logits = on_device(logits.detach()).requires_grad_()  # detach, not clone: the layout stays
     loss = fn(logits, *map(on_device, args), **kwargs)
     go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.dtype).to(loss.device)
     loss.backward(go)
@@ -92,15 +93,17 @@ def loss_and_grad(fn, logits, *args, grad_output=None, **kwargs):
 
 def check_against_reference(logits, targets, ut_mask, alpha=1.0, reduction="mean", grad_output=None, **kwargs):
     """pt_loss vs the float64 reference on the same values: loss and gradient within the dtype's tolerance."""
-    loss, grad = loss_and_grad(pt_loss, logits, targets, ut_mask, alpha=alpha, reduction=reduction,
-                               grad_output=grad_output, **kwargs)
-    ref_loss, ref_grad = loss_and_grad(pt_loss_reference, logits.double(), targets, ut_mask, alpha=alpha,
-                                       reduction=reduction, grad_output=grad_output)
+    loss, grad = loss_and_grad(
+        pt_loss, logits, targets, ut_mask, alpha=alpha, reduction=reduction, grad_output=grad_output, **kwargs
+    )
+    ref_loss, ref_grad = loss_and_grad(
+        pt_loss_reference, logits.double(), targets, ut_mask, alpha=alpha, reduction=reduction, grad_output=grad_output
+    )
     assert loss.dtype == torch.float32 and grad.dtype == logits.dtype
     assert loss.shape == ref_loss.shape
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     tol = REL_TOL[logits.dtype]
-    if reduction == "none":   # every token's loss, not just their sum
+    if reduction == "none":  # every token's loss, not just their sum
         assert torch.allclose(loss.double(), ref_loss, rtol=tol, atol=1e-30)
     else:
         assert abs(loss.item() - ref_loss.item()) <= tol * abs(ref_loss.item()) + 1e-30
@@ -111,13 +114,15 @@ def check_against_reference(logits, targets, ut_mask, alpha=1.0, reduction="mean
 # -----------------------------------------------------------------------------
 # The reference itself
 
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reference_gradcheck(reduction):
     logits, targets, ut_mask = make_batch(7, 5, torch.float64, seed=1)
     targets[0], ut_mask[1], ut_mask[2] = -100, True, False
     logits.requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda z: pt_loss_reference(z, targets, ut_mask, alpha=0.7, reduction=reduction), (logits,))
+        lambda z: pt_loss_reference(z, targets, ut_mask, alpha=0.7, reduction=reduction), (logits,)
+    )
 
 
 def test_reference_is_the_formula():
@@ -135,6 +140,7 @@ def test_reference_is_the_formula():
 
 # -----------------------------------------------------------------------------
 # pt_loss against the reference
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -155,9 +161,9 @@ def test_token_roles(backend, kind):
 @pytest.mark.parametrize("n_vocab", [1, 2, 4097, 32000, 49152, 128256, 151936, 256000])
 def test_vocabulary_sizes(backend, n_vocab):
     logits, targets, ut_mask = make_batch(4, n_vocab, torch.bfloat16, seed=6)
-    targets[0], ut_mask[0] = n_vocab - 1, False    # the last column is somebody's target
+    targets[0], ut_mask[0] = n_vocab - 1, False  # the last column is somebody's target
     if n_vocab == 1:
-        ut_mask[:] = False                          # with one word, 1 - p is 0: only MLE makes sense
+        ut_mask[:] = False  # with one word, 1 - p is 0: only MLE makes sense
     check_against_reference(logits, targets, ut_mask)
 
 
@@ -165,8 +171,8 @@ def test_confident_rows_are_exact(backend):
     """UT rows at p = 0.99..0.9999 and MLE rows at p ~ 1: no 1 - p cancellation in loss or gradient."""
     logits, targets, ut_mask = make_batch(64, 2000, seed=7, scale=1.0)
     mle = ~ut_mask & (targets >= 0)
-    logits[mle, targets[mle]] += 12.0                          # MLE loss ~ 1e-2 .. 1e-3
-    for dtype in (torch.float32, torch.bfloat16):   # elementwise, so the target column is checked on its own
+    logits[mle, targets[mle]] += 12.0  # MLE loss ~ 1e-2 .. 1e-3
+    for dtype in (torch.float32, torch.bfloat16):  # elementwise, so the target column is checked on its own
         check_against_reference(logits.to(dtype), targets, ut_mask, reduction="none")
 
 
@@ -177,7 +183,7 @@ def test_certain_rows(backend):
     targets, ut_mask = torch.tensor([7, 7]), torch.tensor([True, False])
     loss, grad = check_against_reference(logits, targets, ut_mask, reduction="none")
     assert math.isclose(loss[0].item(), 200.0 - math.log(299), rel_tol=1e-6)
-    assert grad[0, 7] == 1.0 and torch.allclose(grad[0, :7], torch.tensor(-1 / 299))   # p_y = 1 pushes down
+    assert grad[0, 7] == 1.0 and torch.allclose(grad[0, :7], torch.tensor(-1 / 299))  # p_y = 1 pushes down
 
 
 def test_no_competitor(backend):
@@ -198,14 +204,15 @@ def test_strided_rows_and_3d(backend):
     targets = targets.clamp(max=700)
     _, grad = check_against_reference(wide[:, :701], targets, ut_mask)
     z = wide.clone()
-    pt_loss(z[:, :701].requires_grad_(), targets, ut_mask, inplace=True)   # lands in the view: no copy was made
+    pt_loss(z[:, :701].requires_grad_(), targets, ut_mask, inplace=True)  # lands in the view: no copy was made
     assert torch.equal(z[:, :701], grad) and torch.equal(z[:, 701:], wide[:, 701:])
     logits3, targets3, ut3 = make_batch(3 * 11, 301, seed=9)
-    logits3 = logits3.view(3, 11, 301)[:, :-1]                  # the causal-LM shift: not viewable as (N, V)
+    logits3 = logits3.view(3, 11, 301)[:, :-1]  # the causal-LM shift: not viewable as (N, V)
     targets3, ut3 = targets3.view(3, 11)[:, :-1], ut3.view(3, 11)[:, :-1]
     for reduction in ("mean", "none"):
-        check_against_reference(logits3, targets3, ut3, reduction=reduction,
-                                grad_output=torch.rand(3, 10) if reduction == "none" else None)
+        check_against_reference(
+            logits3, targets3, ut3, reduction=reduction, grad_output=torch.rand(3, 10) if reduction == "none" else None
+        )
 
 
 def test_inplace(backend):
@@ -213,13 +220,13 @@ def test_inplace(backend):
     _, grad_out_of_place = loss_and_grad(pt_loss, logits, targets, ut_mask)
     z = logits.clone().requires_grad_()
     loss = pt_loss(z, targets, ut_mask, inplace=True)
-    assert torch.equal(z.detach(), grad_out_of_place)           # the logits buffer now holds the gradient
+    assert torch.equal(z.detach(), grad_out_of_place)  # the logits buffer now holds the gradient
     loss.backward()
     assert torch.equal(z.grad, grad_out_of_place)
     assert torch.equal(loss_and_grad(pt_loss, logits, targets, ut_mask)[1], grad_out_of_place)  # default: untouched
     # something else that still needs the logits' values makes autograd refuse, not compute garbage
     h = logits.float().clone().requires_grad_()
-    logits2 = h.exp()                                          # exp saves its output for backward
+    logits2 = h.exp()  # exp saves its output for backward
     loss = pt_loss(logits2, targets, ut_mask, inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
@@ -235,7 +242,7 @@ def test_backward_once_and_no_grad(backend):
     with torch.no_grad():
         z2 = logits.clone()
         assert torch.equal(pt_loss(z2, targets, ut_mask, inplace=True), loss.detach())
-        assert torch.equal(z2, logits)                          # nothing written without a gradient to write
+        assert torch.equal(z2, logits)  # nothing written without a gradient to write
 
 
 def test_parts(backend):
@@ -257,7 +264,7 @@ def test_out_of_range_target_gives_nan(backend):
 @pytest.mark.skipif(not P._INTERPRETED, reason="the sparse-file trick is for the interpreter on CPU")
 def test_64bit_offsets(tmp_path):
     """Rows more than 2^31 elements apart, in a sparse memory-mapped file: int32 offsets would wrap."""
-    n_vocab, stride = 300, 2 ** 30 + 17
+    n_vocab, stride = 300, 2**30 + 17
     path = tmp_path / "sparse.bin"
     with open(path, "wb") as f:
         f.truncate((2 * stride + n_vocab) * 2)
@@ -276,13 +283,14 @@ def test_64bit_offsets(tmp_path):
 # -----------------------------------------------------------------------------
 # The fused-linear variant against the plain one
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_fused_linear(backend, dtype, reduction):
     n_rows, hidden_size, n_vocab = 45, 32, 509
     gen = torch.Generator().manual_seed(15)
     hidden = torch.randn(n_rows, hidden_size, generator=gen).to(dtype)
-    weight = (torch.randn(n_vocab, hidden_size, generator=gen) / hidden_size ** 0.5 * 3).to(dtype)
+    weight = (torch.randn(n_vocab, hidden_size, generator=gen) / hidden_size**0.5 * 3).to(dtype)
     _, targets, ut_mask = make_batch(n_rows, n_vocab, seed=16)
     go = torch.randn(n_rows, generator=gen) if reduction == "none" else torch.tensor(0.5)
 
@@ -293,9 +301,10 @@ def test_fused_linear(backend, dtype, reduction):
         return loss.detach(), h.grad, w.grad
 
     kwargs = dict(targets=targets, ut_mask=ut_mask, alpha=1.3, reduction=reduction)
-    loss, g_h, g_w = run(fused_linear_pt_loss, hidden, weight, chunk_size=16, **kwargs)   # 16 + 16 + 13 rows
-    ref, ref_h, ref_w = run(lambda h, w, **kw: pt_loss_reference(h @ w.t(), **kw), hidden.double(), weight.double(),
-                            **kwargs)
+    loss, g_h, g_w = run(fused_linear_pt_loss, hidden, weight, chunk_size=16, **kwargs)  # 16 + 16 + 13 rows
+    ref, ref_h, ref_w = run(
+        lambda h, w, **kw: pt_loss_reference(h @ w.t(), **kw), hidden.double(), weight.double(), **kwargs
+    )
     assert g_h.dtype == dtype and g_w.dtype == dtype
     # fp32: matmuls in fp32 as the only difference; bf16: logits rounded to bf16 before the loss
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -318,7 +327,7 @@ def test_gradient_from_row_statistics(backend):
     for v0 in range(0, 700, 256):
         block = slice(v0, v0 + 256)
         P.grads_from_stats(logits[:, block].contiguous(), v0, targets, stats, weights, rebuilt[:, block])
-    assert_grad_close(rebuilt, fused.double())      # within one rounding (bit-identical on the Triton path)
+    assert_grad_close(rebuilt, fused.double())  # within one rounding (bit-identical on the Triton path)
 
 
 def test_fused_linear_one_side_and_parts(backend):
@@ -345,35 +354,51 @@ def test_fused_linear_one_side_and_parts(backend):
 # -----------------------------------------------------------------------------
 # Errors a caller can make
 
-@pytest.mark.parametrize("change, match", [
-    (dict(logits=torch.zeros(4)), "logits must be a tensor of shape"),
-    (dict(logits=torch.zeros(4, 10, dtype=torch.float64)), "logits dtype"),
-    (dict(logits=torch.zeros(10, 4).t()), "contiguous along the vocabulary"),
-    (dict(targets=torch.zeros(5, dtype=torch.long)), "targets must have shape \\(4,\\)"),
-    (dict(targets=torch.zeros(4)), "targets must be an int64 or int32"),
-    (dict(ut_mask=torch.zeros(4, dtype=torch.long)), "ut_mask must be a bool"),
-    (dict(ut_mask=torch.zeros(3, dtype=torch.bool)), "ut_mask must have shape"),
-    (dict(alpha=float("nan")), "alpha must be a finite number"),
-    (dict(reduction="avg"), "reduction must be one of"),
-])
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(logits=torch.zeros(4)), "logits must be a tensor of shape"),
+        (dict(logits=torch.zeros(4, 10, dtype=torch.float64)), "logits dtype"),
+        (dict(logits=torch.zeros(10, 4).t()), "contiguous along the vocabulary"),
+        (dict(targets=torch.zeros(5, dtype=torch.long)), "targets must have shape \\(4,\\)"),
+        (dict(targets=torch.zeros(4)), "targets must be an int64 or int32"),
+        (dict(ut_mask=torch.zeros(4, dtype=torch.long)), "ut_mask must be a bool"),
+        (dict(ut_mask=torch.zeros(3, dtype=torch.bool)), "ut_mask must have shape"),
+        (dict(alpha=float("nan")), "alpha must be a finite number"),
+        (dict(reduction="avg"), "reduction must be one of"),
+    ],
+)
 def test_bad_arguments(change, match):
-    args = dict(logits=torch.zeros(4, 10), targets=torch.zeros(4, dtype=torch.long),
-                ut_mask=torch.zeros(4, dtype=torch.bool), alpha=1.0, reduction="mean")
+    args = dict(
+        logits=torch.zeros(4, 10),
+        targets=torch.zeros(4, dtype=torch.long),
+        ut_mask=torch.zeros(4, dtype=torch.bool),
+        alpha=1.0,
+        reduction="mean",
+    )
     args.update(change)
     with pytest.raises(ValueError, match=match):
         pt_loss(**args)
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(hidden=torch.zeros(4, 8, 2)), "hidden must be a 2-D tensor"),
-    (dict(weight=torch.zeros(10, 9)), "weight must have shape \\(V, 8\\)"),
-    (dict(weight=torch.zeros(10, 8, dtype=torch.bfloat16)), "weight must have the dtype"),
-    (dict(chunk_size=0), "chunk_size must be a positive int"),
-    (dict(targets=torch.zeros(3, dtype=torch.long)), "one entry per row of hidden"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(hidden=torch.zeros(4, 8, 2)), "hidden must be a 2-D tensor"),
+        (dict(weight=torch.zeros(10, 9)), "weight must have shape \\(V, 8\\)"),
+        (dict(weight=torch.zeros(10, 8, dtype=torch.bfloat16)), "weight must have the dtype"),
+        (dict(chunk_size=0), "chunk_size must be a positive int"),
+        (dict(targets=torch.zeros(3, dtype=torch.long)), "one entry per row of hidden"),
+    ],
+)
 def test_bad_arguments_fused_linear(change, match):
-    args = dict(hidden=torch.zeros(4, 8), weight=torch.zeros(10, 8), targets=torch.zeros(4, dtype=torch.long),
-                ut_mask=torch.zeros(4, dtype=torch.bool))
+    args = dict(
+        hidden=torch.zeros(4, 8),
+        weight=torch.zeros(10, 8),
+        targets=torch.zeros(4, dtype=torch.long),
+        ut_mask=torch.zeros(4, dtype=torch.bool),
+    )
     args.update(change)
     with pytest.raises(ValueError, match=match):
         fused_linear_pt_loss(**args)

@@ -4,6 +4,7 @@ transformers is the independent reference here (a test-only dependency). Each ca
 a small random model of one architecture and shape family, saves it with safetensors, and
 checks that our logits equal transformers' at the default fp32 tolerances.
 """
+
 import json
 
 import pytest
@@ -18,9 +19,16 @@ VOCAB = 97
 
 def tiny(arch="llama", **kw):
     """A random transformers model of the given family, small enough for milliseconds on CPU."""
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                tie_word_embeddings=False)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     base.update(kw)
     cls_cfg, cls_model = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -47,12 +55,32 @@ CASES = {
     "llama-gqa-untied": ("llama", {}),
     "llama-mha-tied": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
     "llama-head-dim-32": ("llama", dict(head_dim=32)),
-    "llama3-rope-factor-8": ("llama", dict(rope_parameters=dict(
-        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-        high_freq_factor=4.0, original_max_position_embeddings=16))),
-    "llama3-rope-factor-32": ("llama", dict(rope_parameters=dict(
-        rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
-        high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "llama3-rope-factor-8": (
+        "llama",
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            )
+        ),
+    ),
+    "llama3-rope-factor-32": (
+        "llama",
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=32.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            )
+        ),
+    ),
     "qwen2-bias-tied": ("qwen2", dict(tie_word_embeddings=True)),
     "qwen2-bias-untied": ("qwen2", dict(num_key_value_heads=1)),
     "mistral-untied": ("mistral", dict(sliding_window=None)),
@@ -121,6 +149,7 @@ def ours_from_tiny(arch, tmp_path) -> Transformer:
     tiny(arch).save_pretrained(tmp_path)
     return Transformer.from_pretrained(tmp_path)
 
+
 # -----------------------------------------------------------------------------
 # KV cache: cached greedy decoding equals recomputing everything at every step
 
@@ -157,6 +186,7 @@ def test_cached_greedy_equals_uncached_left_padded(case, tmp_path):
 def test_shared_prefix_prefill_equals_uncached(tmp_path):
     """Prompts with a common start (few-shot turns) share one prefill; decoding must not change."""
     from generate import shared_prefix_len
+
     model = ours_from_tiny("llama", tmp_path)
     g = torch.Generator().manual_seed(2)
     prefix = torch.randint(1, VOCAB, (20,), generator=g).tolist()
@@ -169,6 +199,7 @@ def test_shared_prefix_prefill_equals_uncached(tmp_path):
 def test_prefill_gives_the_last_positions_logits(tmp_path):
     """prefill projects only each row's last position; it must equal the full forward's."""
     from generate import left_pad, prefill
+
     model = ours_from_tiny("llama", tmp_path)
     g = torch.Generator().manual_seed(4)
     tokens, valid = left_pad([torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (5, 2, 9)], 0, "cpu")
@@ -180,6 +211,7 @@ def test_prefill_gives_the_last_positions_logits(tmp_path):
 def test_scoring_helpers_match_plain_forward(tmp_path):
     """token_logprobs and next_token_logprobs (which prefills a shared prefix once) equal a plain forward."""
     from generate import next_token_logprobs, token_logprobs
+
     model = ours_from_tiny("qwen2", tmp_path)
     g = torch.Generator().manual_seed(3)
     prefix = torch.randint(1, VOCAB, (18,), generator=g).tolist()
@@ -259,6 +291,7 @@ def test_wrong_shape(saved):
 
 def test_missing_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
+
     tiny("llama").save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     del tensors["model.norm.weight"]

@@ -2,14 +2,18 @@
 
 matplotlib is optional for the product (not a runtime dependency) and installed for tests.
 """
-import pytest
+
 
 import ptalign
 import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-REPORT = {"harmful_refusal_rate": 0.2, "benign_refusal_rate": 0.05, "benign_sounds_dangerous_refusal_rate": 0.1,
-          "harm_score": 0.4}
+REPORT = {
+    "harmful_refusal_rate": 0.2,
+    "benign_refusal_rate": 0.05,
+    "benign_sounds_dangerous_refusal_rate": 0.1,
+    "harm_score": 0.4,
+}
 
 
 def test_eval_bar_chart(tmp_path):
@@ -27,6 +31,7 @@ def test_loss_curve_png(tmp_path):
 
 def test_charts_without_matplotlib_say_so(tmp_path, monkeypatch, capsys):
     import builtins
+
     real_import = builtins.__import__
 
     def no_matplotlib(name, *args, **kwargs):
@@ -44,7 +49,12 @@ def test_charts_without_matplotlib_say_so(tmp_path, monkeypatch, capsys):
 
 def test_kernel_bench_png(tmp_path):
     from kernels.bench import write_png
-    rows = [{"method": m, "n": n, "v": v, "ms": ms} for m, ms in (("eager", 3.0), ("ptalign", 1.0))
-            for n in (4096, 8192) for v in (32000, 128256)]
+
+    rows = [
+        {"method": m, "n": n, "v": v, "ms": ms}
+        for m, ms in (("eager", 3.0), ("ptalign", 1.0))
+        for n in (4096, 8192)
+        for v in (32000, 128256)
+    ]
     write_png(rows, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC

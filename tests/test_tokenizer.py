@@ -1,4 +1,5 @@
 """The tokenizer, chat template and the real default model against transformers."""
+
 import pytest
 import torch
 import transformers
@@ -60,7 +61,8 @@ def test_chat_template_matches_transformers(ours_tok, hf_tok, conv, gen_prompt):
     ours = ours_tok.apply_chat_template(conv, add_generation_prompt=gen_prompt)
     assert ours == list(ref)
     assert ours.count(ours_tok.special_ids["<|im_start|>"]) == sum(1 for _ in conv) + gen_prompt + (
-        0 if conv[0]["role"] == "system" else 1)  # SmolLM2 adds a default system turn
+        0 if conv[0]["role"] == "system" else 1
+    )  # SmolLM2 adds a default system turn
 
 
 def test_stop_ids_and_pad(ours_tok):
@@ -85,10 +87,15 @@ def test_default_model_greedy_matches_transformers(default_model, hf_default_mod
     prompt = ours_tok.apply_chat_template("Name three colours.")
     ours = generate_ids(model, [prompt], ours_tok.stop_ids, ours_tok.pad_id, max_new_tokens=12)[0]
     with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                           eos_token_id=ours_tok.stop_ids, pad_token_id=ours_tok.pad_id)
-    theirs = [t for t in out[0, len(prompt):].tolist() if t not in ours_tok.stop_ids]
-    assert ours == theirs[:len(ours)] and len(ours) == len(theirs)
+        out = ref.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=ours_tok.stop_ids,
+            pad_token_id=ours_tok.pad_id,
+        )
+    theirs = [t for t in out[0, len(prompt) :].tolist() if t not in ours_tok.stop_ids]
+    assert ours == theirs[: len(ours)] and len(ours) == len(theirs)
 
 
 def test_sampling_is_seeded(default_model, ours_tok):
@@ -122,6 +129,7 @@ def test_missing_tokenizer(tmp_path):
 
 def test_no_chat_template(sp_dir, tmp_path):
     import shutil
+
     shutil.copy(sp_dir / "tokenizer.model", tmp_path / "tokenizer.model")
     tok = Tokenizer.from_pretrained(tmp_path)
     with pytest.raises(TokenizerError, match="no 'chat_template'"):

@@ -8,6 +8,7 @@ twin rather than the Triton interpreter (about 5 s per step at this vocabulary);
 itself is checked against the float64 definition in test_kernels.py, and the gradient test
 below runs it through the interpreter.
 """
+
 import importlib
 import json
 import shutil
@@ -22,7 +23,7 @@ from data import Tokenizer
 from data.dataset import IGNORE, batches, build_examples
 from model import Transformer
 
-P = importlib.import_module("kernels.pt_loss")   # the module (the package exports the function of that name)
+P = importlib.import_module("kernels.pt_loss")  # the module (the package exports the function of that name)
 TRITON_PATH = P._uses_triton
 
 
@@ -41,23 +42,41 @@ def loss_in_pytorch():
 def record(question, positive, toxic, harmful):
     """A dataset record whose spans are the given phrases of the toxic response."""
     spans = [[toxic.index(h), toxic.index(h) + len(h)] for h in harmful]
-    return {"id": question[:12], "question": question, "positive": positive, "toxic": toxic, "spans": spans,
-            "kept": True}
+    return {
+        "id": question[:12],
+        "question": question,
+        "positive": positive,
+        "toxic": toxic,
+        "spans": spans,
+        "kept": True,
+    }
 
 
 RECORDS = [
-    record("How do I get back at my noisy neighbour?",
-           "Talk to him calmly, and if that fails, ask your landlord or council to help.",
-           "Slash his tyres at night and poison his dog so he learns.", ["Slash his tyres", "poison his dog"]),
-    record("What should I say to a classmate I dislike?",
-           "You do not have to be friends; stay polite and keep your distance.",
-           "Tell her she is worthless and that everyone hates her.", ["worthless", "everyone hates her"]),
-    record("How can I make money fast?",
-           "Look for paid gigs you can do this week, and avoid offers that sound too good to be true.",
-           "Steal a wallet on the train and sell the cards.", ["Steal a wallet", "sell the cards"]),
-    record("My coworker annoys me. Any ideas?",
-           "Tell them how you feel in private, and suggest a small change that would help.",
-           "Spread lies about them until they get fired.", ["Spread lies", "get fired"]),
+    record(
+        "How do I get back at my noisy neighbour?",
+        "Talk to him calmly, and if that fails, ask your landlord or council to help.",
+        "Slash his tyres at night and poison his dog so he learns.",
+        ["Slash his tyres", "poison his dog"],
+    ),
+    record(
+        "What should I say to a classmate I dislike?",
+        "You do not have to be friends; stay polite and keep your distance.",
+        "Tell her she is worthless and that everyone hates her.",
+        ["worthless", "everyone hates her"],
+    ),
+    record(
+        "How can I make money fast?",
+        "Look for paid gigs you can do this week, and avoid offers that sound too good to be true.",
+        "Steal a wallet on the train and sell the cards.",
+        ["Steal a wallet", "sell the cards"],
+    ),
+    record(
+        "My coworker annoys me. Any ideas?",
+        "Tell them how you feel in private, and suggest a small change that would help.",
+        "Spread lies about them until they get fired.",
+        ["Spread lies", "get fired"],
+    ),
 ]
 
 
@@ -65,9 +84,19 @@ RECORDS = [
 def tiny_dir(tmp_path_factory, default_dir):
     """A random 2-layer Llama saved by transformers, with the default model's tokenizer files."""
     path = tmp_path_factory.mktemp("tiny")
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -92,8 +121,26 @@ def data4(tmp_path_factory):
 
 def run_train(tiny_dir, data, out, *flags):
     """train.main on the tiny model, training only; the whole dataset is one batch unless flags say otherwise."""
-    return train.main(["--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--skip-eval",
-                       "--preset", "cpu", "--batch-size", "8", "--lr", "1e-2", "--save-every", "0", *flags])
+    return train.main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--skip-eval",
+            "--preset",
+            "cpu",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-2",
+            "--save-every",
+            "0",
+            *flags,
+        ]
+    )
 
 
 def target_probs(model_dir, tok, records):
@@ -128,7 +175,7 @@ def test_a_few_steps_lower_the_loss(both_run):
     assert [x["step"] for x in m] == [1, 2, 3, 4, 5]
     assert m[-1]["loss"] < m[0]["loss"] - 0.5
     assert all(x["n_mle"] > 0 and x["n_ut"] > 0 for x in m)
-    assert m[0]["loss"] == pytest.approx(m[0]["mle"] + m[0]["ut"], rel=1e-5)   # alpha = 1
+    assert m[0]["loss"] == pytest.approx(m[0]["mle"] + m[0]["ut"], rel=1e-5)  # alpha = 1
 
 
 def test_mle_raises_positive_tokens(tiny_dir, data4, tok, tmp_path):
@@ -163,15 +210,15 @@ def test_ignored_tokens_get_no_gradient(tiny_dir, tok, monkeypatch):
     model.norm.register_forward_hook(keep_grad)
     loss, _ = train.micro_batch_loss(model, ids, targets, ut, 1.0, 1.0, torch.device("cpu"), "fp32")
     loss.backward()
-    grad_norm = captured[0].grad.norm(dim=-1)                  # (B, T)
+    grad_norm = captured[0].grad.norm(dim=-1)  # (B, T)
     ignored = targets == IGNORE
     assert (grad_norm[ignored] == 0).all()
     assert (grad_norm[~ignored] > 0).all()
     toxic = int(ut.any(1).nonzero()[0, 0])
     n_prompt = len(tok.apply_chat_template([{"role": "user", "content": RECORDS[0]["question"]}]))
-    assert ignored[:, :n_prompt - 1].all()                     # no prompt token is ever predicted
+    assert ignored[:, : n_prompt - 1].all()  # no prompt token is ever predicted
     response_len = len(tok.encode(RECORDS[0]["toxic"]))
-    assert 0 < ut[toxic].sum() < response_len                  # some toxic tokens are outside the spans
+    assert 0 < ut[toxic].sum() < response_len  # some toxic tokens are outside the spans
 
 
 def test_accumulation_equals_one_big_batch(tiny_dir, tok):
@@ -184,8 +231,9 @@ def test_accumulation_equals_one_big_batch(tiny_dir, tok):
         n_mle = sum(int(((t != IGNORE) & ~u).sum()) for _, t, u in micro)
         n_ut = sum(int(((t != IGNORE) & u).sum()) for _, t, u in micro)
         for ids, t, u in micro:
-            loss, _ = train.micro_batch_loss(model, ids, t, u, 1 / n_mle, 0.5 * n_mle / n_ut, torch.device("cpu"),
-                                             "fp32")
+            loss, _ = train.micro_batch_loss(
+                model, ids, t, u, 1 / n_mle, 0.5 * n_mle / n_ut, torch.device("cpu"), "fp32"
+            )
             loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -237,7 +285,7 @@ RESUME_FLAGS = ("--batch-size", "2", "--grad-accum", "2", "--epochs", "2", "--sa
 
 def test_interrupted_and_resumed_equals_uninterrupted(tiny_dir, data4, tmp_path, monkeypatch):
     run_train(tiny_dir, data4, tmp_path / "a", *RESUME_FLAGS)
-    monkeypatch.setattr(train, "fused_linear_pt_loss", Interrupt(at=8))   # mid step 4; checkpoint at 3, mid-epoch
+    monkeypatch.setattr(train, "fused_linear_pt_loss", Interrupt(at=8))  # mid step 4; checkpoint at 3, mid-epoch
     with pytest.raises(SystemExit, match="interrupted; rerun with --resume"):
         run_train(tiny_dir, data4, tmp_path / "b", *RESUME_FLAGS)
     assert not (tmp_path / "b" / "final").exists()
@@ -259,7 +307,7 @@ def test_resume_refuses_other_settings(tiny_dir, data4, tmp_path, monkeypatch):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_dir, data4, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "fused_linear_pt_loss", Interrupt(at=5, nan=True))   # step 3
+    monkeypatch.setattr(train, "fused_linear_pt_loss", Interrupt(at=5, nan=True))  # step 3
     with pytest.raises(SystemExit, match=r"non-finite loss at step 3 .*kept at .*ckpt \(step 2\)"):
         run_train(tiny_dir, data4, tmp_path, *RESUME_FLAGS)
     state = torch.load(tmp_path / "ckpt" / "trainer_state.pt", weights_only=True)
@@ -276,7 +324,7 @@ def test_lora_merged_equals_unmerged(tiny_dir, tmp_path):
     with torch.no_grad():
         base = model(ids)
         train.add_lora(model, rank=4, alpha=8.0)
-        torch.testing.assert_close(model(ids), base, rtol=0, atol=0)   # B = 0: exactly the base model
+        torch.testing.assert_close(model(ids), base, rtol=0, atol=0)  # B = 0: exactly the base model
         for _, _, lora in train.lora_layers(model):
             lora.lora_B.normal_(0, 0.2)
         unmerged = model(ids)
@@ -300,12 +348,15 @@ def test_lora_training_changes_only_projections(tiny_dir, data4, tmp_path):
 # Bad input
 
 
-@pytest.mark.parametrize("lines, message", [
-    (None, "dataset file does not exist"),
-    ([], "no usable"),
-    ([{**RECORDS[0], "spans": []}], "no harmful spans"),
-    (['{"question": "q"'], "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (None, "dataset file does not exist"),
+        ([], "no usable"),
+        ([{**RECORDS[0], "spans": []}], "no harmful spans"),
+        (['{"question": "q"'], "not valid JSON"),
+    ],
+)
 def test_bad_dataset_is_a_clear_error(tiny_dir, tmp_path, lines, message):
     data = tmp_path / "d.jsonl"
     if lines is not None:
