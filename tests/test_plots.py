@@ -3,7 +3,6 @@
 matplotlib is optional for the product (not a runtime dependency) and installed for tests.
 """
 
-
 import ptalign
 import train
 
