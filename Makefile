@@ -7,6 +7,8 @@ train: .venv/.runtime
 	$(PY) train.py $(ARGS)
 
 test: .venv/.test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest $(ARGS)
 
 .venv/.runtime: requirements.txt

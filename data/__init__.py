@@ -6,9 +6,13 @@
 - `seeds.json`, `eval_*.jsonl`: the human annotations and the held-out prompt sets.
 """
 
+from pathlib import Path
+
 from data.tokenizer import Tokenizer
 
-__all__ = ["Tokenizer", "default_model_path"]
+DATA_DIR = Path(__file__).resolve().parent  # seeds, prompt sets and the prompt texts live here
+
+__all__ = ["DATA_DIR", "Tokenizer", "default_model_path"]
 
 
 def __getattr__(name):
