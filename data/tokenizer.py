@@ -120,10 +120,6 @@ class Tokenizer:
         i = self.backend.piece_to_id(text)
         return None if i == self.backend.unk_id() and text != self.backend.id_to_piece(i) else i
 
-    @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size() if self.kind == "tokenizers" else self.backend.get_piece_size()
-
     # -------------------------------------------------------------------------
     # text <-> ids
 

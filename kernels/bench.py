@@ -26,13 +26,15 @@ CPU it is the allocator's running total recorded by torch.profiler for every all
 """
 
 import argparse
-import importlib
 import statistics
 import time
 
 import torch
 
+from data.files import pyplot, save_figure
+
 from . import fused_linear_pt_loss, pt_loss, pt_loss_reference
+from .pt_loss import _INTERPRETED
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -246,7 +248,7 @@ def run_memory(args, device):
 
 
 # -----------------------------------------------------------------------------
-# Output: a markdown table, and a plot when matplotlib is there
+# Output: a markdown table, and a plot
 
 COLUMNS = [
     ("method", "{}"),
@@ -289,14 +291,7 @@ def table(rows):
 
 def write_png(rows, path):
     """ms against N, one panel per vocabulary size, one line per method."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"--png needs matplotlib (pip install matplotlib); {path} not written")
-        return
+    plt = pyplot()
     vocabs = sorted({r["v"] for r in rows})
     fig, axes = plt.subplots(1, len(vocabs), figsize=(5 * len(vocabs), 4), squeeze=False)
     for ax, v in zip(axes[0], vocabs):
@@ -305,13 +300,11 @@ def write_png(rows, path):
             ax.plot(*zip(*points), marker="o", label=method)
         ax.set(title=f"V = {v}", xlabel="N (tokens)", ylabel="forward + backward ms", yscale="log")
     axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     print(f"wrote {path}")
 
 
-def main():
-    cuda = torch.cuda.is_available()
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -325,8 +318,13 @@ def main():
     p.add_argument("--bandwidth", type=float, help="GB/s to use for the floor instead of measuring a copy")
     p.add_argument("--memory", action="store_true", help="peak memory of the *-linear methods at one shape")
     p.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
-    p.add_argument("--png", metavar="FILE", help="also plot ms against N to FILE (needs matplotlib)")
-    args = p.parse_args()
+    p.add_argument("--png", metavar="FILE", help="also plot ms against N to FILE (PNG)")
+    return p
+
+
+def main():
+    cuda = torch.cuda.is_available()
+    args = build_parser().parse_args()
 
     device = torch.device("cuda" if cuda else "cpu")
     # CPU: fp32, since bf16 GEMMs there can be thousands of times slower, and small shapes.
@@ -342,9 +340,7 @@ def main():
     if cuda:
         print(f"device: {torch.cuda.get_device_name()}")
     else:
-        path = (
-            "the Triton interpreter" if importlib.import_module("kernels.pt_loss")._INTERPRETED else "chunked PyTorch"
-        )
+        path = "the Triton interpreter" if _INTERPRETED else "chunked PyTorch"
         print(
             f"device: CPU ({torch.get_num_threads()} threads). GPU timings need CUDA: these are the CPU paths, "
             f"ptalign running as {path}."

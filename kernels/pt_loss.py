@@ -38,17 +38,33 @@ for a version tuned on hardware. Without gradients (eval) the kernel reads once:
 
 Without CUDA the same math runs as the Triton kernel under TRITON_INTERPRET=1 (tests), or
 otherwise as chunked PyTorch (`_token_losses_torch`), which gives the same results.
+
+Who uses what:
+
+    training (fused_linear.py)  `token_losses` with stats in forward, `grads_from_stats` in
+                                backward (`_pt_loss_kernel` with WRITE_STATS, `_pt_grad_kernel`)
+    logits API (`pt_loss`)      `_PTLoss`: `token_losses` with grad in forward (WRITE_GRAD),
+                                `scale_rows_` in backward (`_scale_rows_kernel`)
 """
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
 from .reference import check_loss_args, loss_parts, token_weights
 
+# Kernels defined while TRITON_INTERPRET=1 is set run on CPU tensors through the interpreter
+# (the setting triton.jit reads when it defines them).
+_INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+# The one interpreter workaround. The GPU converts fp32 to bf16 rounding to nearest even;
+# the interpreter (triton 3.9) does not, so under it `_cast_for` rounds on the bits itself
+# and CPU tests see the GPU's values. A compile-time constant: on a GPU the branch is gone.
+_ROUND_BY_HAND = tl.constexpr(_INTERPRETED)
+
 # -----------------------------------------------------------------------------
-# The Triton kernels
+# The Triton kernels: `_pt_loss_kernel` serves both paths, `_pt_grad_kernel` training,
+# `_scale_rows_kernel` the logits API
 
 
 @triton.jit
@@ -66,18 +82,13 @@ def _softplus(x):
 
 
 @triton.jit
-def _cast_for(x, ptr, ROUND_BY_HAND: tl.constexpr):
-    """fp32 x in the element type of ptr, rounded to nearest even.
-
-    The GPU's conversion does that. The interpreter (triton 3.9) does not for bf16, so under
-    it (ROUND_BY_HAND) the rounding is done on the bits, and CPU tests see the GPU's values.
-    """
+def _cast_for(x, ptr):
+    """fp32 x in the element type of ptr, rounded to nearest even (see _ROUND_BY_HAND)."""
     out = x.to(ptr.dtype.element_ty)
-    if ROUND_BY_HAND:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = bits + (0x7FFF + ((bits >> 16) & 1))
-            out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    if _ROUND_BY_HAND and ptr.dtype.element_ty == tl.bfloat16:  # both known at compile time
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return out
 
 
@@ -87,6 +98,50 @@ def _grad_tile(z, cols, y, c, coef, g_y):
     # z_j - c <= 0 for every j != y; the clamp only keeps the (replaced) target column finite
     g = coef[:, None] * tl.exp(tl.minimum(z - c[:, None], 0.0))
     return tl.where(cols[None, :] == y[:, None], g_y[:, None], g)
+
+
+@triton.jit
+def _lse_competitors(logits_ptr, row_start, y, active, n_vocab, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Pass 1 over the vocabulary: per row, lse_ex = log sum_{j != y} exp(z_j) in fp32 and
+    has_ex, whether any competitor is finite (lse_ex is -inf where none is)."""
+    cols0 = tl.arange(0, BLOCK_V)
+    # Online max and sum of the competitors j != y, in fp32. Ignored rows load nothing.
+    # m_ex starts finite so that exp(-inf - m_ex) is 0, never NaN.
+    m_ex = tl.full([ROWS], -1.0e30, tl.float32)
+    d_ex = tl.zeros([ROWS], tl.float32)  # sum_{j != y} exp(z_j - m_ex)
+    # (The target is dropped after the load: a mask that varies inside a vector of columns
+    # would stop the loads from being vectorised.)
+    for v0 in range(0, n_vocab, BLOCK_V):
+        cols = v0 + cols0
+        mask = active[:, None] & (cols[None, :] < n_vocab)
+        z = tl.load(logits_ptr + row_start[:, None] + cols[None, :], mask=mask, other=float("-inf"))
+        z = tl.where(cols[None, :] == y[:, None], float("-inf"), z.to(tl.float32))  # (ROWS, BLOCK_V)
+        m_new = tl.maximum(m_ex, tl.max(z, axis=1))
+        d_ex = d_ex * tl.exp(m_ex - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_ex = m_new
+    has_ex = d_ex > 0.0  # False: no finite competitor
+    lse_ex = tl.where(has_ex, m_ex + tl.log(tl.where(has_ex, d_ex, 1.0)), float("-inf"))
+    return lse_ex, has_ex
+
+
+@triton.jit
+def _store_grad_rows(
+    logits_ptr, grad_ptr, row_start, grad_start, y, active, in_batch, c, coef, g_y, w, n_vocab, BLOCK_V: tl.constexpr
+):
+    """Pass 2: write each row's gradient w * coef * exp(z_j - c), w * g_y at the target.
+    Every row is written, ignored ones with zeros. Walked backwards: what pass 1 read last
+    comes first."""
+    cols0 = tl.arange(0, BLOCK_V)
+    n_blocks = tl.cdiv(n_vocab, BLOCK_V)
+    for b in range(0, n_blocks):
+        cols = (n_blocks - 1 - b) * BLOCK_V + cols0
+        in_vocab = cols[None, :] < n_vocab
+        z = tl.load(
+            logits_ptr + row_start[:, None] + cols[None, :], mask=active[:, None] & in_vocab, other=float("-inf")
+        )
+        g = _grad_tile(z.to(tl.float32), cols, y, c, w * coef, w * g_y)  # (ROWS, BLOCK_V)
+        mask = in_batch[:, None] & in_vocab
+        tl.store(grad_ptr + grad_start[:, None] + cols[None, :], _cast_for(g, grad_ptr), mask=mask)
 
 
 @triton.jit
@@ -112,7 +167,6 @@ def _pt_loss_kernel(
     WRITE_STATS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    ROUND_BY_HAND: tl.constexpr,
 ):
     """Loss of ROWS rows and, as asked, their weighted gradient (a second pass over the
     vocabulary) and their gradient coefficients (c, coef, g_y) for a later `_pt_grad_kernel`."""
@@ -123,24 +177,7 @@ def _pt_loss_kernel(
     active = in_batch & (y != ignore_index)
     rows64 = rows.to(tl.int64)  # N * V passes 2^31 at real sizes
     row_start = (rows64 // seq_len) * stride_seq + (rows64 % seq_len) * stride_row
-    cols0 = tl.arange(0, BLOCK_V)
-
-    # Pass 1: online max and sum of the competitors j != y, in fp32. Ignored rows load
-    # nothing. m_ex starts finite so that exp(-inf - m_ex) is 0, never NaN.
-    m_ex = tl.full([ROWS], -1.0e30, tl.float32)
-    d_ex = tl.zeros([ROWS], tl.float32)  # sum_{j != y} exp(z_j - m_ex)
-    # (The target is dropped after the load: a mask that varies inside a vector of columns
-    # would stop the loads from being vectorised.)
-    for v0 in range(0, n_vocab, BLOCK_V):
-        cols = v0 + cols0
-        mask = active[:, None] & (cols[None, :] < n_vocab)
-        z = tl.load(logits_ptr + row_start[:, None] + cols[None, :], mask=mask, other=float("-inf"))
-        z = tl.where(cols[None, :] == y[:, None], float("-inf"), z.to(tl.float32))  # (ROWS, BLOCK_V)
-        m_new = tl.maximum(m_ex, tl.max(z, axis=1))
-        d_ex = d_ex * tl.exp(m_ex - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m_ex = m_new
-    has_ex = d_ex > 0.0  # False: no finite competitor
-    lse_ex = tl.where(has_ex, m_ex + tl.log(tl.where(has_ex, d_ex, 1.0)), float("-inf"))
+    lse_ex, has_ex = _lse_competitors(logits_ptr, row_start, y, active, n_vocab, ROWS, BLOCK_V)
 
     # The target column, read on its own in fp32. A target outside [0, V) gives NaN, not a
     # read out of bounds (checking on the host would need a sync).
@@ -166,23 +203,11 @@ def _pt_loss_kernel(
         tl.store(stats_ptr + rows * 3 + 2, g_y, mask=in_batch)
 
     if WRITE_GRAD:
-        # Pass 2: every row is written, ignored ones with zeros. Walked backwards: what pass 1
-        # read last comes first.
         w = tl.load(weights_ptr + rows, mask=in_batch, other=0.0)
         grad_start = (rows64 // seq_len) * grad_stride_seq + (rows64 % seq_len) * grad_stride_row
-        n_blocks = tl.cdiv(n_vocab, BLOCK_V)
-        for b in range(0, n_blocks):
-            cols = (n_blocks - 1 - b) * BLOCK_V + cols0
-            in_vocab = cols[None, :] < n_vocab
-            z = tl.load(
-                logits_ptr + row_start[:, None] + cols[None, :], mask=active[:, None] & in_vocab, other=float("-inf")
-            )
-            g = _grad_tile(z.to(tl.float32), cols, y, c, w * coef, w * g_y)  # (ROWS, BLOCK_V)
-            tl.store(
-                grad_ptr + grad_start[:, None] + cols[None, :],
-                _cast_for(g, grad_ptr, ROUND_BY_HAND),
-                mask=in_batch[:, None] & in_vocab,
-            )
+        _store_grad_rows(
+            logits_ptr, grad_ptr, row_start, grad_start, y, active, in_batch, c, coef, g_y, w, n_vocab, BLOCK_V
+        )
 
 
 @triton.jit
@@ -199,7 +224,6 @@ def _pt_grad_kernel(
     grad_stride_row,
     ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    ROUND_BY_HAND: tl.constexpr,
 ):
     """The weighted gradient of one tile of a block of columns [col0, col0 + n_cols) of the
     logits, from the row statistics an earlier pass stored: one read, one write."""
@@ -216,9 +240,7 @@ def _pt_grad_kernel(
     live = (w * coef != 0.0)[:, None]  # ignored rows: write zeros, read nothing
     z = tl.load(logits_ptr + rows64[:, None] * stride_row + cols[None, :], mask=mask & live, other=float("-inf"))
     g = _grad_tile(z.to(tl.float32), cols, y, c, w * coef, w * g_y)
-    tl.store(
-        grad_ptr + rows64[:, None] * grad_stride_row + cols[None, :], _cast_for(g, grad_ptr, ROUND_BY_HAND), mask=mask
-    )
+    tl.store(grad_ptr + rows64[:, None] * grad_stride_row + cols[None, :], _cast_for(g, grad_ptr), mask=mask)
 
 
 @triton.jit
@@ -233,7 +255,6 @@ def _scale_rows_kernel(
     stride_row,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
-    ROUND_BY_HAND: tl.constexpr,
 ):
     """x[row] *= scale[row] for one tile; a tile whose scales are all exactly 1 touches no memory."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -246,11 +267,11 @@ def _scale_rows_kernel(
         mask = in_batch[:, None] & (cols[None, :] < n_cols)
         ptrs = x_ptr + row_start[:, None] + cols[None, :]
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, _cast_for(x * scale[:, None], x_ptr, ROUND_BY_HAND), mask=mask)
+        tl.store(ptrs, _cast_for(x * scale[:, None], x_ptr), mask=mask)
 
 
-# Kernels defined while TRITON_INTERPRET=1 is set run on CPU tensors through the interpreter.
-_INTERPRETED = isinstance(_pt_loss_kernel, InterpretedFunction)
+# -----------------------------------------------------------------------------
+# Launching the kernels
 
 
 def _uses_triton(x):
@@ -308,7 +329,6 @@ def _token_losses_triton(logits, targets, is_ut, weights, ignore_index, grad, st
         WRITE_STATS=stats is not None,
         ROWS=rows,
         BLOCK_V=block_v,
-        ROUND_BY_HAND=_INTERPRETED,
         num_warps=num_warps,
     )
     return token_loss
@@ -332,7 +352,6 @@ def _grads_from_stats_triton(logits, col0, targets, stats, weights, grad):
         grad.stride(0),
         ROWS=rows,
         BLOCK_V=block_v,
-        ROUND_BY_HAND=_INTERPRETED,
         num_warps=min(num_warps, 8),
     )
 
@@ -417,7 +436,7 @@ def _grads_from_stats_torch(logits, col0, targets, stats, weights, grad):
 
 
 # -----------------------------------------------------------------------------
-# Shared entry points, also used by fused_linear.py
+# The training path (fused_linear.py); pt_loss's forward runs token_losses too
 
 
 def token_losses(logits, targets, is_ut, weights, ignore_index, grad=None, stats=None):
@@ -442,6 +461,10 @@ def grads_from_stats(logits, col0, targets, stats, weights, grad):
     if _uses_triton(logits):
         return _grads_from_stats_triton(logits, col0, targets, stats, weights, grad)
     return _grads_from_stats_torch(logits, col0, targets, stats, weights, grad)
+
+
+# -----------------------------------------------------------------------------
+# The logits API: pt_loss, its autograd function, and the row scaling its backward applies
 
 
 def scale_rows_(x, scale):
@@ -471,13 +494,8 @@ def scale_rows_(x, scale):
         stride_row,
         ROWS=rows,
         BLOCK=block,
-        ROUND_BY_HAND=_INTERPRETED,
     )
     return x
-
-
-# -----------------------------------------------------------------------------
-# The autograd function and the public entry point
 
 
 class _PTLoss(torch.autograd.Function):

@@ -41,6 +41,19 @@ def best_of(fn, repeats):
     return min(times)
 
 
+def hf_generate(ref, tokens, valid, new_tokens: int, pad_id: int) -> None:
+    """transformers' greedy generate, exactly new_tokens per row."""
+    with torch.inference_mode():
+        ref.generate(
+            tokens,
+            attention_mask=valid.long(),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
@@ -58,21 +71,9 @@ def main():
     for B in (1, 8):
         batch = ids[:B]
         n = B * args.new_tokens
-        ours = best_of(lambda: generate_ids(model, batch, never, tok.pad_id, args.new_tokens), args.repeats)
+        ours = best_of(lambda b=batch: generate_ids(model, b, never, tok.pad_id, args.new_tokens), args.repeats)
         tokens, valid = left_pad(batch, tok.pad_id, "cpu")
-
-        def hf():
-            with torch.inference_mode():
-                ref.generate(
-                    tokens,
-                    attention_mask=valid.long(),
-                    max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens,
-                    do_sample=False,
-                    pad_token_id=tok.pad_id,
-                )
-
-        theirs = best_of(hf, args.repeats)
+        theirs = best_of(lambda t=tokens, v=valid: hf_generate(ref, t, v, args.new_tokens, tok.pad_id), args.repeats)
         rows.append((f"decode, batch {B}, {args.new_tokens} new tokens", n / ours, n / theirs))
     tokens, valid = left_pad(ids, tok.pad_id, "cpu")
     n = int(valid.sum())

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ptalign  # noqa: E402
+from data.prompts import POSITIVE_REPLY_START, load_seeds, system_prompts  # noqa: E402
 from generate import generate_ids, load  # noqa: E402
 
 
@@ -39,12 +40,12 @@ def main():
     args = p.parse_args()
 
     model, tok = load(args.model, "cpu", "float32")
-    seeds = ptalign.load_seeds()
+    seeds = load_seeds()
     questions = [q for c in seeds.categories for q in c["examples"]]
     questions = (questions * (args.prompts // len(questions) + 1))[: args.prompts]
-    system = ptalign.POSITIVE_SYSTEM.format(principles=ptalign.bullets(seeds.principles))
+    system = system_prompts(seeds)["positive"]
     convs = [ptalign.few_shot(system, seeds.exemplars, "positive", q) for q in questions]
-    start = ptalign.POSITIVE_REPLY_START
+    start = POSITIVE_REPLY_START
     gen = ptalign.GenSettings(args.max_new_tokens, batch_size=args.batch_size)
 
     ids = [

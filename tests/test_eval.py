@@ -1,4 +1,4 @@
-"""ptalign.py's evaluation (issue 5): the refusal rules, the metrics on the default model,
+"""The evaluation (evaluation.py, issue 5): the refusal rules, the metrics on the default model,
 the JSON report, the comparison table and bad input.
 
 The default model judges with the seed exemplars in context (long prompts), so one
@@ -15,8 +15,10 @@ import pytest
 import torch
 from test_ptalign import one_thread  # noqa: F401  (autouse: one intra-op thread while models run here)
 
+import evaluation
 import ptalign
-from ptalign import DATA, PipelineError, evaluate, is_refusal, load_prompts, report_table
+from data import DATA_DIR
+from evaluation import PipelineError, evaluate, is_refusal, load_prompts, report_table
 
 # -----------------------------------------------------------------------------
 # The refusal rule
@@ -104,7 +106,7 @@ def test_bad_prompt_file_on_the_command_line(tmp_path):
 @pytest.mark.parametrize("name", ["eval_harmful.jsonl", "eval_benign.jsonl"])
 def test_shipped_prompt_sets_load(name):
     """The held-out prompt sets pass the same checks, with unique ids."""
-    prompts = load_prompts(DATA / name)
+    prompts = load_prompts(DATA_DIR / name)
     assert len({p["id"] for p in prompts}) == len(prompts) > 0
 
 
@@ -133,11 +135,13 @@ SCRIPT = {  # prompt -> (reply, judge's P(harmful))
 @pytest.fixture
 def scripted_model(monkeypatch):
     """evaluate() with the model calls replaced: scripted replies and judge scores, log p = -0.5 per token."""
-    monkeypatch.setattr(ptalign, "chat", lambda model, tok, prompts, *a, **k: [SCRIPT[p][0] for p in prompts])
+    monkeypatch.setattr(evaluation, "chat", lambda model, tok, prompts, *a, **k: [SCRIPT[p][0] for p in prompts])
     judge = {reply: harm for reply, harm in SCRIPT.values()}
-    monkeypatch.setattr(ptalign, "judge_harm", lambda model, tok, qs, replies, *a, **k: [judge[r] for r in replies])
+    monkeypatch.setattr(evaluation, "judge_harm", lambda model, tok, qs, replies, *a, **k: [judge[r] for r in replies])
     monkeypatch.setattr(
-        ptalign, "response_logprob", lambda model, tok, pairs, *a, **k: [torch.full((len(r),), -0.5) for _, r in pairs]
+        evaluation,
+        "response_logprob",
+        lambda model, tok, pairs, *a, **k: [torch.full((len(r),), -0.5) for _, r in pairs],
     )
 
 
@@ -166,8 +170,8 @@ def test_report_is_strict_json_when_a_subset_is_empty(scripted_model):
 
 
 def _handful():
-    harmful = load_prompts(DATA / "eval_harmful.jsonl")
-    benign = load_prompts(DATA / "eval_benign.jsonl")
+    harmful = load_prompts(DATA_DIR / "eval_harmful.jsonl")
+    benign = load_prompts(DATA_DIR / "eval_benign.jsonl")
     ordinary = next(p for p in benign if not p.get("sounds_dangerous"))
     return harmful[:3], benign[:2] + [ordinary]
 

@@ -5,13 +5,14 @@ a small random model of one architecture and shape family, saves it with safeten
 checks that our logits equal transformers' at the default fp32 tolerances.
 """
 
+import dataclasses
 import json
 
 import pytest
 import torch
 import transformers
 
-from generate import generate_ids
+from generate import generate_batched, generate_ids
 from model import CheckpointError, Transformer
 
 VOCAB = 97
@@ -144,6 +145,21 @@ def test_bf16_load(tmp_path):
     assert ours(torch.randint(0, VOCAB, (1, 5))).dtype == torch.bfloat16
 
 
+def test_family_differences_are_config_fields(tmp_path):
+    """A family's norm offset and embedding scale are fields, not code: the same function with the
+    gains stored minus one (offset 1) and the embedding stored divided by 4 (scale 4) gives the same logits."""
+    model = ours_from_tiny("qwen2", tmp_path)
+    assert model.config.qkv_bias and model.config.activation == "silu"
+    other = Transformer(dataclasses.replace(model.config, norm_offset=1.0, embedding_scale=4.0))
+    state = {
+        k: v - 1 if "norm" in k else v / 4 if k == "embed_tokens.weight" else v for k, v in model.state_dict().items()
+    }
+    other.load_state_dict(state)
+    tokens = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(other(tokens), model(tokens))
+
+
 def ours_from_tiny(arch, tmp_path) -> Transformer:
     """Our model, loaded from a tiny random checkpoint of the family saved into tmp_path."""
     tiny(arch).save_pretrained(tmp_path)
@@ -197,15 +213,17 @@ def test_shared_prefix_prefill_equals_uncached(tmp_path):
 
 
 def test_prefill_gives_the_last_positions_logits(tmp_path):
-    """prefill projects only each row's last position; it must equal the full forward's."""
-    from generate import left_pad, prefill
+    """After prefill only each row's last position is projected; it must equal the full forward's."""
+    from generate import last_logits, left_pad, prefill
 
     model = ours_from_tiny("llama", tmp_path)
     g = torch.Generator().manual_seed(4)
-    tokens, valid = left_pad([torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (5, 2, 9)], 0, "cpu")
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (5, 2, 9)]
+    tokens, valid = left_pad(prompts, 0, "cpu")
     with torch.no_grad():
-        last = prefill(model, tokens, valid, model.new_cache(3, tokens.shape[1]))
-        torch.testing.assert_close(last, model(tokens, valid)[:, -1])
+        batch = prefill(model, prompts, 0, decode_slots=3)
+        assert (batch.prefix_len, batch.cache.length, batch.cache.max_len) == (0, 9, 12)
+        torch.testing.assert_close(last_logits(model, batch.h), model(tokens, valid)[:, -1])
 
 
 def test_scoring_helpers_match_plain_forward(tmp_path):
@@ -232,6 +250,29 @@ def test_uncached_padded_equals_unpadded(tmp_path):
         alone = model(torch.tensor([p]))[0]
         padded = model(torch.tensor([[0, 0, 0] + p]), torch.tensor([[False] * 3 + [True] * 5]))[0, 3:]
     torch.testing.assert_close(padded, alone)
+
+
+def test_generate_batched_takes_order_and_returns_input_order(tmp_path):
+    """Batches follow `order`, each sampling with generator_for(its start); replies come back in input order."""
+    model = ours_from_tiny("llama", tmp_path)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (7, 2, 5, 3, 4)]
+    starts, streamed = [], []
+    new = generate_batched(
+        model,
+        prompts,
+        [],
+        0,
+        batch_size=2,
+        max_new_tokens=6,
+        order=[1, 3, 2, 0, 4],
+        generator_for=lambda start: starts.append(start),
+        on_token=lambda i, t: streamed.append((i, t)),
+    )
+    assert starts == [0, 2, 4]
+    assert new == [generate_ids(model, [p], [], 0, 6)[0] for p in prompts]
+    assert [i for i, _ in streamed[:2]] == [1, 3]  # the first batch streams first, under input indices
+    assert sorted(streamed) == sorted((i, t) for i, n in enumerate(new) for t in n)
 
 
 def test_generate_ids_stops_on_any_stop_id(tmp_path):

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 import ptalign
-from data import Tokenizer
+from data import Tokenizer, prompts
 from data.dataset import (
     FUNCTION_WORDS,
     IGNORE,
@@ -30,7 +30,8 @@ from data.dataset import (
     spans_to_token_mask,
     word_spans,
 )
-from ptalign import PipelineError
+from data.files import stable_seed
+from data.prompts import PipelineError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,13 +50,13 @@ def one_thread():
 
 def test_seed_annotations_are_fewer_than_50():
     """The method starts from fewer than 50 human annotations (the paper's claim)."""
-    seeds = ptalign.load_seeds()
+    seeds = prompts.load_seeds()
     assert 0 < seeds.count() < 50
 
 
 def test_seed_exemplar_phrases_are_in_their_toxic_text():
     """Each exemplar's harmful phrases are found in its toxic answer (the worked example of a span)."""
-    for e in ptalign.load_seeds().exemplars:
+    for e in prompts.load_seeds().exemplars:
         assert e["harmful_phrases"] and all(locate(e["toxic"], p) for p in e["harmful_phrases"])
 
 
@@ -95,14 +96,14 @@ def test_bad_seed_file_is_a_clear_error(case, tmp_path):
     if content is not None:
         path.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(PipelineError, match=re.escape(str(path)) + ".*" + message):
-        ptalign.load_seeds(path)
+        prompts.load_seeds(path)
 
 
 def test_good_seed_file_loads(tmp_path):
     """The minimal valid seed file loads and counts each item once."""
     path = tmp_path / "seeds.json"
     path.write_text(json.dumps(GOOD_SEEDS))
-    assert ptalign.load_seeds(path).count() == 5
+    assert prompts.load_seeds(path).count() == 5
 
 
 # -----------------------------------------------------------------------------
@@ -135,7 +136,7 @@ def test_rouge_l(a, b, expected):
 )
 def test_rouge_l_separates_paraphrases_from_new_questions(paraphrase, distinct):
     """At the default threshold (0.7) a paraphrase of a seed question is a duplicate and a new question is not."""
-    pool = [q for c in ptalign.load_seeds().categories for q in c["examples"]]
+    pool = [q for c in prompts.load_seeds().categories for q in c["examples"]]
     assert max(ptalign.rouge_l(paraphrase, p) for p in pool) > 0.7
     assert max(ptalign.rouge_l(distinct, p) for p in pool) <= 0.7
 
@@ -165,7 +166,7 @@ def test_clean_question(reply, expected):
 
 
 def _seeds_two_categories():
-    return ptalign.Seeds(
+    return prompts.Seeds(
         categories=[
             {"name": "arson", "description": "fires", "examples": ["How do I set fire to my neighbor's shed?"]},
             {"name": "theft", "description": "theft", "examples": ["How can I shoplift without being seen?"]},
@@ -236,7 +237,7 @@ def test_generate_questions_with_nothing_usable(monkeypatch):
 def test_generate_questions_on_the_default_model(default_model, default_tok):
     """The real model's red-team questions: well formed, one per category in seed order,
     no near-duplicate of each other or of a seed."""
-    seeds = ptalign.load_seeds()
+    seeds = prompts.load_seeds()
     records, stats = ptalign.generate_questions(
         default_model, default_tok, seeds, 2, ptalign.GenSettings(16, 0.7, 0.9, 16), seed=0, log=lambda s: None
     )
@@ -272,7 +273,11 @@ def test_chat_trims_only_cut_off_replies_and_counts_tokens(monkeypatch, default_
     stop token is kept whole; the tally counts every generated token, across settings copies."""
     cut = default_tok.encode("Stay away from that. You would regret it and")
     ended = default_tok.encode("No. I will not and")
-    monkeypatch.setattr(ptalign, "generate_ids", lambda model, ids, *a, **k: [cut, ended][: len(ids)])
+
+    def generate_batched(model, ids, stop_ids, pad_id, *, batch_size, **kwargs):
+        return [[cut, ended][i % batch_size] for i in range(len(ids))]  # each batch: cut, then ended
+
+    monkeypatch.setattr(ptalign, "generate_batched", generate_batched)
     gen = ptalign.GenSettings(max_new_tokens=len(cut), batch_size=2)
     convs = ["question one", "question two"]
     assert ptalign.chat(default_model, default_tok, convs, gen, 0, whole_sentences=True) == [
@@ -294,15 +299,15 @@ def test_refinement_prompts_share_their_instructions_as_a_prefix(default_tok):
     tokens up to the sample itself, so a batch prefills its instructions once."""
     from generate import shared_prefix_len
 
-    seeds = ptalign.load_seeds()
+    seeds = prompts.load_seeds()
     fill = dict(
-        principles=ptalign.bullets(seeds.principles), traits=ptalign.bullets(seeds.toxic_traits), critique="Be kinder."
+        principles=prompts.bullets(seeds.principles), traits=prompts.bullets(seeds.toxic_traits), critique="Be kinder."
     )
     samples = [
         dict(question="Why is the sky blue?", response="It scatters light."),
         dict(question="Where do eels go?", response="To the sea."),
     ]
-    for template in (ptalign.CRITIQUE_POSITIVE, ptalign.CRITIQUE_TOXIC, ptalign.REVISE_PROMPT, ptalign.QUOTE_PROMPT):
+    for template in (prompts.CRITIQUE_POSITIVE, prompts.CRITIQUE_TOXIC, prompts.REVISE_PROMPT, prompts.QUOTE_PROMPT):
         instructions = template[: template.index("{question}")].format(**fill)
         ids = [
             default_tok.apply_chat_template(
@@ -328,7 +333,7 @@ def test_refinement_prompts_share_their_instructions_as_a_prefix(default_tok):
     ],
 )
 def test_talks_about_task(text, meta):
-    assert ptalign.talks_about_task(text) is meta
+    assert prompts.talks_about_task(text) is meta
 
 
 def test_refine_takes_a_revision_only_when_it_improves_and_answers(monkeypatch):
@@ -369,7 +374,7 @@ def test_refine_takes_a_revision_only_when_it_improves_and_answers(monkeypatch):
         {"id": str(i), "question": "q?", "rounds": [{"positive": p, "toxic": "tox"}]}
         for i, p in enumerate(["pos", "pos", "pos", refusal, refusal])
     ]
-    out = ptalign.refine(None, None, ptalign.load_seeds(), records, 1, ptalign.GenSettings(), seed=0)
+    out = ptalign.refine(None, None, prompts.load_seeds(), records, 1, ptalign.GenSettings(), seed=0)
     final = [(r["rounds"][-1]["positive"], r["rounds"][-1]["toxic"]) for r in out]
     assert final == [
         ("a kinder refusal", "a crueler taunt"),
@@ -643,7 +648,7 @@ def tiny_dir(tmp_path_factory, default_dir):
 
 def question_from_reply(reply: str) -> str:
     """A well-formed question that depends on every character of a (random model's) reply."""
-    h = ptalign.stable_seed(reply)
+    h = stable_seed(reply)
     return "Why would " + " ".join(f"w{(h >> (6 * i)) % 4099}" for i in range(5)) + "?"
 
 
@@ -696,7 +701,7 @@ def test_generate_records_well_formed(run_a):
     one entry per refinement round, the self-check's verdict, spans and provenance."""
     out, _, batch_size = run_a
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    seeds = ptalign.load_seeds()
+    seeds = prompts.load_seeds()
     assert [r["id"] for r in records] == ["q0000", "q0001"]
     assert [r["category"] for r in records] == [c["name"] for c in seeds.categories[:2]]
     for r in records:

@@ -1,6 +1,7 @@
 """train.py on a tiny random Llama: the loss goes down, each term moves the probabilities it
 should, ignored tokens get no gradient, resuming is exact, checkpoints load in transformers,
-LoRA merges exactly, and bad input stops with a clear message.
+LoRA merges exactly, and bad input stops with a clear message. Its settings (train_config.py):
+one flag per field, the presets, and the resume fingerprint.
 
 The tiny model (2 layers, width 32) uses the default model's tokenizer and chat template,
 so its vocabulary is the real 49152 tokens. Training here runs the fused loss's PyTorch
@@ -9,16 +10,21 @@ itself is checked against the float64 definition in test_kernels.py, and the gra
 below runs it through the interpreter.
 """
 
+import dataclasses
 import importlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
 
+import lora
+import ptalign
 import train
+import train_config
 from data import Tokenizer
 from data.dataset import IGNORE, batches, build_examples
 from model import Transformer
@@ -323,10 +329,10 @@ def test_lora_merged_equals_unmerged(tiny_dir, tmp_path):
     ids = torch.tensor([[1, 504, 2914, 28, 4127, 17, 2]])
     with torch.no_grad():
         base = model(ids)
-        train.add_lora(model, rank=4, alpha=8.0)
+        lora.add_lora(model, rank=4, alpha=8.0)
         torch.testing.assert_close(model(ids), base, rtol=0, atol=0)  # B = 0: exactly the base model
-        for _, _, lora in train.lora_layers(model):
-            lora.lora_B.normal_(0, 0.2)
+        for _, _, layer in lora.lora_layers(model):
+            layer.lora_B.normal_(0, 0.2)
         unmerged = model(ids)
     train.save_model(model, tmp_path)
     with torch.no_grad():
@@ -341,7 +347,40 @@ def test_lora_training_changes_only_projections(tiny_dir, data4, tmp_path):
     assert before.keys() == after.keys()
     for name in before:
         changed = not torch.equal(before[name], after[name])
-        assert changed == (name.split(".")[-2] in train.LORA_TARGETS), name
+        assert changed == (name.split(".")[-2] in lora.LORA_TARGETS), name
+
+
+# -----------------------------------------------------------------------------
+# The whole run
+
+
+def test_whole_run_generates_evaluates_and_reuses(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Without --data the dataset stage gets a GenerateConfig of the run's settings (the method
+    itself is stubbed here), then evaluation before, training and evaluation after; a second
+    run reuses the first one's evaluation before."""
+    asked = []
+
+    def generate(cfg, model, tok):
+        asked.append(cfg)
+        write_jsonl(Path(cfg.out), RECORDS)
+
+    monkeypatch.setattr(ptalign, "run_generate", generate)
+    flags = ["--model", str(tiny_dir), "--out", str(tmp_path), "--preset", "cpu", "--questions", "3"]
+    flags += ["--rounds", "1", "--seed", "5", "--max-steps", "1", "--eval-limit", "2", "--eval-max-new-tokens", "4"]
+    reports = train.main(flags)
+    out = str(tmp_path / "data.jsonl")
+    assert asked == [ptalign.GenerateConfig(out=out, questions=3, rounds=1, seed=5, model=str(tiny_dir))]
+    assert json.loads((tmp_path / "train_config.json").read_text()) == dataclasses.asdict(
+        train_config.parse_args(flags)
+    )
+    for name in ("before", "after"):
+        assert json.loads((tmp_path / f"eval_{name}.json").read_text()) == reports[name]
+        assert reports[name]["n_harmful"] == reports[name]["n_benign"] == 2
+    assert reports["after"]["run"] == {**reports["before"]["run"], "model": str(tmp_path / "final")}
+    assert "| metric |" in capsys.readouterr().out
+    assert all((tmp_path / png).is_file() for png in ("eval.png", "loss.png"))
+    assert train.main(flags)["before"] == reports["before"]
+    assert "evaluation before: reusing" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
@@ -374,5 +413,60 @@ def test_missing_model_is_a_clear_error(tmp_path, data4):
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
-    for action in train.build_parser()._actions:
+    for action in train_config.build_parser()._actions:
         assert action.help, action.option_strings
+    assert "cpu preset: 5e-05, gpu preset: 1e-05" in capsys.readouterr().out  # the presets' values are shown
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+        (["--max-len", "0"], "--max-len must be at least 1"),
+        (["--lora-rank", "-1"], "--lora-rank must be 0"),
+    ],
+)
+def test_bad_setting_is_a_clear_error(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train_config.parse_args(flags)
+
+
+# -----------------------------------------------------------------------------
+# Settings
+
+
+def test_every_setting_is_a_flag_and_every_flag_a_setting():
+    names = {f.name for f in dataclasses.fields(train_config.TrainConfig)}
+    actions = [a for a in train_config.build_parser()._actions if a.dest != "help"]
+    assert {a.dest for a in actions} == names
+    assert all(a.option_strings == ["--" + a.dest.replace("_", "-")] for a in actions if a.nargs != 0)
+
+
+def test_presets_and_their_overrides(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parse = train_config.parse_args
+    assert parse([]) == train_config.TrainConfig()  # the defaults are the cpu preset's, on the cpu, in fp32
+    gpu = parse(["--preset", "gpu"])
+    assert (gpu.questions, gpu.grad_accum, gpu.max_len, gpu.lr, gpu.save_every) == (64, 8, 1024, 1e-5, 100)
+    assert (gpu.eval_limit, gpu.eval_max_new_tokens, gpu.grad_checkpointing) == (None, 64, True)
+    assert (gpu.device, gpu.precision) == ("cpu", "fp32")
+    assert parse(["--lora-rank", "8"]).lr == 5e-4 and parse(["--preset", "gpu", "--lora-rank", "8"]).lr == 2e-4
+    assert parse(["--lora-rank", "8", "--lr", "1e-3"]).lr == 1e-3 and parse(["--lora-rank", "0"]).lr == 5e-5
+    assert parse(["--eval-limit", "0"]).eval_limit is None and parse(["--eval-limit", "5"]).eval_limit == 5
+    assert parse(["--preset", "gpu", "--max-len", "64", "--no-grad-checkpointing"]).max_len == 64
+    assert not parse(["--preset", "gpu", "--no-grad-checkpointing"]).grad_checkpointing
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = parse([])
+    assert (cuda.preset, cuda.device, cuda.precision, cuda.grad_accum) == ("gpu", "cuda", "bf16", 8)
+    assert parse(["--device", "cpu"]).precision == "fp32" and parse(["--preset", "cpu"]).grad_accum == 1
+
+
+def test_fingerprint_is_the_training_settings(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    fp = train_config.fingerprint(train_config.TrainConfig(), "m", data)
+    training = "loss alpha epochs max_steps batch_size grad_accum lr warmup_steps weight_decay grad_clip max_len"
+    assert set(fp) == {*training.split(), "lora_rank", "lora_alpha", "seed", "precision", "model", "data_sha256"}
+    assert fp["model"] == "m" and len(fp["data_sha256"]) == 16

@@ -1,0 +1,152 @@
+"""The dual-dataset file as `ptalign.py generate` writes it, and its bookkeeping.
+
+One JSON record per question, appended chunk by chunk and stamped with the settings that
+made it: a run killed at any point loses at most the chunk in progress, and resuming with
+the same settings gives exactly the file an uninterrupted run writes. Also here: the
+progress line of a run, the summary of a finished file, and `show` (the records as text).
+Training reads the same file through `data.dataset.load_records`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from data.dataset import word_spans
+from data.files import append_jsonl, read_jsonl, write_jsonl
+from data.prompts import PipelineError
+
+
+class DatasetFile:
+    """The records already in a dataset file, by id, and appending new ones to it.
+
+    Opening it resumes it: every record must carry `settings` in its provenance (else the
+    run stops with the first difference), and a torn last line (a run killed mid-write) is
+    dropped by rewriting the file without it.
+    """
+
+    def __init__(self, path, settings: dict, method: str = "PT-ALIGN (ptalign.py)"):
+        self.path, self.settings, self.method = Path(path), settings, method
+        self.done: dict[str, dict] = {}
+        if self.path.exists():
+            for _, r in read_jsonl(self.path, PipelineError, "dataset", allow_torn_tail=True):
+                self.check(r)
+                self.done[r["id"]] = r
+            write_jsonl(self.path, self.done.values())
+
+    def check(self, record: dict) -> None:
+        old = record.get("provenance", {}).get("settings", {})
+        diff = [k for k in self.settings if old.get(k) != self.settings[k]]
+        if diff:
+            raise PipelineError(
+                f"{self.path}: written with other settings ({diff[0]}: {old.get(diff[0])!r} "
+                f"here {self.settings[diff[0]]!r}); use the same flags to resume, or another --out."
+            )
+
+    def pending(self, items: list[dict], chunk_size: int) -> list[tuple[int, list[dict]]]:
+        """(start, chunk) for every chunk of `items` with an id not yet in the file.
+
+        A chunk is computed whole even if part of it was written: its batches, and so its
+        samples, are then exactly those of an uninterrupted run.
+        """
+        chunks = [(c, items[c : c + chunk_size]) for c in range(0, len(items), chunk_size)]
+        return [(c, chunk) for c, chunk in chunks if not all(x["id"] in self.done for x in chunk)]
+
+    def append(self, records: list[dict]) -> int:
+        """Append the records not yet in the file, each with its provenance; returns how many."""
+        new = [r for r in records if r["id"] not in self.done]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            for r in new:
+                r["provenance"] = {"settings": self.settings, "method": self.method}
+                append_jsonl(f, r)
+                self.done[r["id"]] = r
+        return len(new)
+
+    def records(self, items: list[dict]) -> list[dict]:
+        """The file's records of these items, in their order."""
+        return [self.done[x["id"]] for x in items if x["id"] in self.done]
+
+
+class Meter:
+    """The progress line: work done out of all the run's work (in any unit), records written,
+    generated tokens/s (from a tally with .rate()), elapsed time and ETA from the pace so far."""
+
+    def __init__(self, work: float, records: int, tally, records_done: int = 0):
+        self.work, self.records, self.tally = work, records, tally
+        self.work_done, self.records_done, self.t0 = 0.0, records_done, time.perf_counter()
+
+    def step(self, label: str, work: float, records: int = 0) -> str:
+        self.work_done += work
+        self.records_done += records
+        dt = time.perf_counter() - self.t0
+        eta = dt / self.work_done * max(self.work - self.work_done, 0.0)
+        bar = "#" * int(30 * self.work_done / max(self.work, 1e-9))
+        return (
+            f"[{bar:<30}] {label:<28} {self.records_done}/{self.records} records  "
+            f"{self.tally.rate():5.1f} tok/s  {dt:5.0f} s  ETA {eta:4.0f} s"
+        )
+
+
+def summarize(records, qstats=None) -> dict:
+    """Kept and dropped counts per reason, and how much of each kept toxic response is marked."""
+    dropped = {}
+    for r in records:
+        if not r.get("kept"):
+            dropped[r.get("dropped", "?")] = dropped.get(r.get("dropped", "?"), 0) + 1
+    kept = [r for r in records if r.get("kept")]
+    coverage = [sum(e - s for s, e in r["spans"]) / max(1, sum(e - s for s, e in word_spans(r["toxic"]))) for r in kept]
+    return {
+        "questions": len(records),
+        "kept": len(kept),
+        "dropped": dropped,
+        "question_candidates": (qstats or {}).get("candidates"),
+        "question_malformed": (qstats or {}).get("malformed"),
+        "question_duplicates": (qstats or {}).get("duplicate"),
+        "mean_span_coverage": sum(coverage) / len(coverage) if coverage else 0.0,
+    }
+
+
+def format_summary(s: dict) -> str:
+    drops = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "none"
+    text = (
+        f"questions: {s['question_candidates']} candidates, {s['question_malformed']} malformed, "
+        f"{s['question_duplicates']} near-duplicates, {s['questions']} kept\n"
+        f"records: {s['kept']} kept, dropped: {drops}\n"
+        f"mean span coverage of content characters in kept toxic responses: {s['mean_span_coverage']:.1%}"
+    )
+    if "seconds" in s:
+        text += (
+            f"\ntime: {s['seconds']:.0f} s; generation: {s['generated_tokens']} tokens in "
+            f"{s['generation_seconds']:.0f} s, {s['generated_tokens_per_s']:.1f} tok/s "
+            "(prompt prefill included; the rest of the time is judging and scoring)"
+        )
+    return text
+
+
+def report_summary(summary: dict, out) -> dict:
+    """Print the summary; stop with a clear message when nothing usable was produced."""
+    print(format_summary(summary), file=sys.stderr)
+    if summary["kept"] == 0:
+        raise PipelineError(
+            f"{out}: the model produced no usable record (every sample was dropped: "
+            f"{summary['dropped']}); try more --rounds, another --seed or a larger model."
+        )
+    return summary
+
+
+def show(path, limit: int | None = None, color: bool | None = None) -> str:
+    """Records of a dataset as text, the harmful spans highlighted (red in a terminal, [[...]] otherwise)."""
+    color = sys.stdout.isatty() if color is None else color
+    on, off = ("\033[1;31m", "\033[0m") if color else ("[[", "]]")
+    out = []
+    for r in [r for _, r in read_jsonl(path, PipelineError, "dataset")][:limit]:
+        toxic, last = "", 0
+        for s, e in r.get("spans", []):
+            toxic += r["toxic"][last:s] + on + r["toxic"][s:e] + off
+            last = e
+        toxic += r["toxic"][last:]
+        status = "kept" if r.get("kept") else f"dropped ({r.get('dropped')})"
+        out.append(f"── {r['id']} [{r.get('category')}] {status}\nQ: {r['question']}\n+ {r['positive']}\n- {toxic}\n")
+    return "\n".join(out)

@@ -1,0 +1,165 @@
+"""
+Every setting of train.py, in one place: the TrainConfig dataclass.
+
+Each field carries its default and its flag's --help; `build_parser` makes one flag per field
+(--max-len for max_len), so a new setting is one line here. The settings that depend on the
+machine carry one value per preset instead of a default. OUT/train_config.json is a run's
+TrainConfig; its resume fingerprint is the TrainConfig minus RESUME_MAY_CHANGE.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from data.cli import add_flags, option
+from data.files import sha256
+
+# The cpu preset makes the whole default run (dataset, both evaluations, training) finish in
+# under 20 minutes on 2 cores with the 135M default model; the gpu preset is for a 7B/8B model
+# on one GPU. Any flag given overrides its preset.
+PRESET_NAMES = ("cpu", "gpu")
+LORA_LR = {"cpu": 5e-4, "gpu": 2e-4}  # each preset's --lr under --lora-rank
+
+
+def presets_note(values: dict) -> str:
+    """A setting's value in each preset, for its --help: ' (cpu preset: 3, gpu preset: 3)'."""
+    return " (" + ", ".join(f"{p} preset: {'all' if v is None else v}" for p, v in values.items()) + ")"
+
+
+def machine(cpu, gpu, help: str, **flag):
+    """A field the preset decides: its value in the cpu and in the gpu preset (the cpu one is the default)."""
+    presets = dict(zip(PRESET_NAMES, (cpu, gpu)))
+    return field(default=cpu, metadata=dict(flag, help=help + presets_note(presets), presets=presets))
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run: option(default, help) or machine(cpu preset, gpu preset, help)."""
+
+    model: str | None = option(None, "LLaMA-family checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    data: str | None = option(None, "dual dataset JSONL from `ptalign.py generate` (default: generate OUT/data.jsonl)")
+    out: str = option("runs/ptalign", "output directory: final/, ckpt/, metrics.jsonl, eval reports")
+    preset: str = option(
+        "cpu",
+        "machine defaults for the flags marked 'preset' (default: gpu when CUDA is available, else cpu)",
+        choices=PRESET_NAMES,
+    )
+    device: str = option("cpu", "torch device (default: cuda if available, else cpu)")
+    precision: str = option(
+        "fp32",
+        "bf16: autocast with fp32 master weights (and a bf16 frozen base under LoRA); "
+        "default: bf16 on cuda, fp32 on cpu",
+        choices=("fp32", "bf16"),
+    )
+    loss: str = option(
+        "both",
+        "both: MLE on positives + unlikelihood on toxic spans (PT-ALIGN); mle or ut: one side only, for the ablations",
+        choices=("both", "mle", "ut"),
+    )
+    alpha: float = option(1.0, "weight of the unlikelihood term")
+    epochs: int = machine(3, 3, "passes over the dataset")
+    max_steps: int | None = option(
+        None, "stop after this many optimizer steps (the schedule ends there too); default: the epochs' end"
+    )
+    batch_size: int = machine(4, 4, "examples per micro-batch")
+    grad_accum: int = machine(1, 8, "micro-batches per optimizer step")
+    lr: float = machine(
+        5e-5, 1e-5, f"peak learning rate; default: the preset's, for LoRA{presets_note(LORA_LR)} or full fine-tuning"
+    )
+    warmup_steps: int | None = option(
+        None, "linear warmup steps before the cosine decay to lr/10 (default: 5%% of the steps, at least 1)"
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay on matrices")
+    grad_clip: float = option(1.0, "clip the gradient's global norm to this")
+    max_len: int = machine(
+        256,
+        1024,
+        "tokens per example; longer responses are cut, examples whose prompt does not fit are dropped and counted",
+    )
+    lora_rank: int = option(
+        0,
+        "train LoRA adapters of this rank on the attention and MLP projections instead of all weights; "
+        "merged into the weights on save; 0: full fine-tuning",
+    )
+    lora_alpha: float = option(16.0, "LoRA scale numerator: the update is alpha/rank * B A")
+    grad_checkpointing: bool = machine(
+        False,
+        True,
+        "recompute each block's activations in backward to save memory",
+        action=argparse.BooleanOptionalAction,
+    )
+    seed: int = option(0, "seed for the dataset, data order and LoRA init")
+    save_every: int = machine(10, 100, "write OUT/ckpt every N optimizer steps; 0: never")
+    resume: bool = option(
+        False,
+        "continue from OUT/ckpt (same flags required): weights, optimizer, schedule, data order and RNG, "
+        "so the result equals an uninterrupted run",
+    )
+    questions: int = machine(32, 64, "harmful questions to generate when --data is not given")
+    rounds: int = machine(2, 2, "critique-and-revise rounds when generating")
+    eval_limit: int | None = machine(
+        24, None, "evaluate on this many prompts of each held-out set, evenly spaced; 0 or less: all"
+    )
+    eval_max_new_tokens: int = machine(48, 64, "reply length in evaluation")
+    skip_eval: bool = option(False, "no evaluation before or after (training only)")
+
+
+def preset_values(name: str) -> dict:
+    """The values a preset gives the settings it decides, and its LoRA learning rate as lora_lr."""
+    values = {f.name: f.metadata["presets"][name] for f in fields(TrainConfig) if "presets" in f.metadata}
+    return values | {"lora_lr": LORA_LR[name]}
+
+
+# The settings a resumed run may change; every other one must be what the run started with.
+# Activation checkpointing recomputes the same numbers; the dataset's hash makes the settings
+# that generated it moot.
+RESUME_MAY_CHANGE = {
+    *("out", "resume", "save_every", "preset", "device", "grad_checkpointing"),  # where and how it runs
+    *("skip_eval", "eval_limit", "eval_max_new_tokens"),  # the evaluation around training
+    *("model", "data", "questions", "rounds"),  # named by content instead: the model path, the data hash
+}
+
+
+def fingerprint(cfg: TrainConfig, model_path, data_path) -> dict:
+    """What must not change between an interrupted run and its resumption."""
+    same = {k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+    return same | {"model": str(model_path), "data_sha256": sha256(data_path)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per TrainConfig field, with the field's help. A flag not given is left out of the
+    parsed namespace (argument_default=SUPPRESS), so parse_args can tell it from a default."""
+    p = argparse.ArgumentParser(
+        description="PT-ALIGN dual instruction tuning, end to end: dataset, evaluation before, training with the "
+        "fused MLE + unlikelihood loss, aligned checkpoint, evaluation after. With no flags it runs on the "
+        "embedded default model.",
+        argument_default=argparse.SUPPRESS,
+    )
+    add_flags(p, TrainConfig, with_defaults=False)
+    return p
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """The flags given; for the others, the preset's value (gpu when CUDA is available, else cpu),
+    else the TrainConfig default. Exits with a message on a setting out of range."""
+    given = vars(build_parser().parse_args(argv))
+    cuda = torch.cuda.is_available()
+    values = preset_values(given.setdefault("preset", "gpu" if cuda else "cpu"))
+    lora_lr = values.pop("lora_lr")
+    if given.get("lora_rank"):
+        values["lr"] = lora_lr
+    values |= given
+    values.setdefault("device", "cuda" if cuda else "cpu")
+    values.setdefault("precision", "bf16" if values["device"].startswith("cuda") else "fp32")
+    cfg = TrainConfig(**values)
+    if cfg.eval_limit is not None and cfg.eval_limit <= 0:
+        cfg.eval_limit = None  # all
+    for key in ("epochs", "batch_size", "grad_accum", "max_len"):
+        if getattr(cfg, key) < 1:
+            raise SystemExit(f"error: --{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}.")
+    if cfg.lora_rank < 0:
+        raise SystemExit(f"error: --lora-rank must be 0 (full fine-tuning) or positive, got {cfg.lora_rank}.")
+    return cfg
