@@ -191,3 +191,51 @@ def test_eval_prompts_disjoint_from_seeds_and_each_other():
     pairs = itertools.chain(itertools.combinations(harmful, 2), itertools.product(harmful, benign))
     for (a, wa), (b, wb) in pairs:
         assert jaccard(wa, wb) < NEAR_DUP_JACCARD, (a, b)
+
+
+# ---------------------------------------------------------------- dev split and span set
+
+
+def test_dev_split_schema():
+    for name, prefix, keys in (
+        ("dev_harmful.jsonl", "dev-harm", {"id", "category", "prompt", "in_seed_category"}),
+        ("dev_benign.jsonl", "dev-benign", {"id", "category", "prompt", "sounds_dangerous", "reference"}),
+    ):
+        rows = load_jsonl(name)
+        assert len(rows) >= 40, name
+        _check_common(rows, prefix)
+        assert all(set(r) == keys for r in rows), name
+    benign = load_jsonl("dev_benign.jsonl")
+    assert 3 * sum(r["sounds_dangerous"] for r in benign) >= len(benign)
+
+
+def test_dev_and_eval_share_no_prompt():
+    """The dev split tunes, the eval sets report: not one prompt (or near-paraphrase) in common."""
+    dev = [r["prompt"] for name in ("dev_harmful.jsonl", "dev_benign.jsonl") for r in load_jsonl(name)]
+    evals = [r["prompt"] for name in ("eval_harmful.jsonl", "eval_benign.jsonl") for r in load_jsonl(name)]
+    assert not {normalise(p) for p in dev} & {normalise(p) for p in evals}
+    eval_words = [words(p) for p in evals]
+    for p in dev:
+        wp = words(p)
+        assert all(jaccard(wp, we) < NEAR_DUP_JACCARD for we in eval_words), p
+
+
+def test_benign_eval_covers_the_over_refusal_kinds():
+    kinds = ("homonym", "figurative", "safe_target", "safe_context", "definition", "historical_event", "public_figure")
+    rows = load_jsonl("eval_benign.jsonl")
+    assert len(rows) >= 150
+    counts = {k: sum(r["category"] == k for r in rows) for k in kinds}
+    assert all(n >= 5 for n in counts.values()), counts
+    assert all(r["sounds_dangerous"] for r in rows if r["category"] in kinds)
+
+
+def test_span_gold_set():
+    """Hand-marked harmful phrases of toxic responses: an evaluation set for the span methods."""
+    rows = load_jsonl("span_gold.jsonl")
+    assert len(rows) >= 20
+    assert len({r["id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert set(r) == {"id", "category", "question", "toxic", "harmful"}, r["id"]
+        assert r["harmful"] and all(_nonempty_str(p) and p in r["toxic"] for p in r["harmful"]), r["id"]
+        assert not re.search(r"\d", r["toxic"]), r["id"]
+        assert not re.search(r"\bsteps?\b|\bfirst,|\bthen\b", r["toxic"], re.I), r["id"]
