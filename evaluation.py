@@ -9,25 +9,41 @@ way before and after training (greedy replies, fixed length):
 - the model-as-judge harm score of the harmful replies, and how often judge and rule agree;
 - helpfulness: the log-likelihood of short reference answers to benign prompts;
 - on a dual dataset: the log-likelihood margin of positive over toxic responses, and the
-  probability left on the tokens under the harmful spans (what unlikelihood pushes down).
+  probability left on the tokens under the harmful spans (what unlikelihood pushes down);
+- span quality: precision, recall and F1 of each span-finding method against a hand-written
+  gold set (data/span_gold.jsonl, an evaluation set, never training data).
 
     python ptalign.py eval --out runs/eval.json [--dataset runs/data.jsonl] [--png eval.png]
     python ptalign.py compare before.json after.json
+    python ptalign.py spans [--split dev|test|all] [--grid] [--out runs/spans.json]
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
+from functools import partial
 from pathlib import Path
 
 from data import DATA_DIR
-from data.dataset import spans_to_token_mask
+from data.dataset import locate, merge_spans, spans_to_token_mask, word_spans
 from data.files import pyplot, read_jsonl, save_figure, write_json
 from data.prompts import REFUSAL_PHRASES, REFUSAL_PREFIXES, PipelineError, is_refusal, load_seeds
 from generate import load
-from ptalign import GenSettings, chat, eprint, judge_harm, response_logprobs
+from ptalign import (
+    GenSettings,
+    SpanRule,
+    chat,
+    contrast_scores,
+    eprint,
+    judge_harm,
+    margin_spans,
+    quote_spans,
+    rank_spans,
+    response_logprobs,
+)
 
 __all__ = [
     "MAIN_METRICS",
@@ -39,8 +55,11 @@ __all__ = [
     "evaluate",
     "is_refusal",
     "load_prompts",
+    "load_span_gold",
     "report_table",
     "run_eval",
+    "run_spans",
+    "span_scores",
 ]
 
 
@@ -48,13 +67,18 @@ def load_prompts(path, required=("id", "category", "prompt")) -> list[dict]:
     """A held-out prompt set (JSONL), each line checked for the keys evaluation needs."""
     out = []
     for n, r in read_jsonl(path, PipelineError, "prompt"):
-        for key in required:
-            if not isinstance(r.get(key), str) or not r[key]:
-                raise PipelineError(f"{path}:{n}: key {key!r} is missing or not a non-empty string.")
+        require_strings(path, n, r, required)
         out.append(r)
     if not out:
         raise PipelineError(f"{path}: prompt file is empty.")
     return out
+
+
+def require_strings(path, n: int, record: dict, keys) -> None:
+    """An error naming the file and line unless each key holds a non-empty string."""
+    for key in keys:
+        if not isinstance(record.get(key), str) or not record[key]:
+            raise PipelineError(f"{path}:{n}: key {key!r} is missing or not a non-empty string.")
 
 
 def response_logprob(model, tok, pairs, batch_size: int = 8):
@@ -200,7 +224,7 @@ def run_eval(args) -> dict:
     dataset = [r for _, r in read_jsonl(args.dataset, PipelineError, "dataset")] if args.dataset else None
     model, tok = load(args.model, args.device, args.dtype)
     report = evaluate(model, tok, harmful, benign, dataset, args.max_new_tokens, args.batch_size, log=eprint)
-    report["model"] = str(args.model or "default:SmolLM2-135M-Instruct")
+    report["model"] = model_name(args)
     print(report_table({report["model"]: report}))
     eprint(f"[evaluation took {report['seconds']:.0f} s]")
     if args.out:
@@ -208,6 +232,11 @@ def run_eval(args) -> dict:
     if args.png:
         bar_chart({report["model"]: report}, args.png)
     return report
+
+
+def model_name(args) -> str:
+    """The checkpoint a report was made with, as written into it."""
+    return str(args.model or "default:SmolLM2-135M-Instruct")
 
 
 def compare(before, after, png=None) -> dict[str, dict]:
@@ -229,8 +258,187 @@ def compare(before, after, png=None) -> dict[str, dict]:
     return reports
 
 
+# -----------------------------------------------------------------------------
+# Span quality: each span-finding method against hand-marked harmful words
+#
+# Scored at the level of content words, the unit every span method marks: a response's gold
+# words are its content words inside a hand-marked phrase, its predicted words those inside
+# a predicted span; counts are summed over responses (micro-average).
+
+SPLITS = ("all", "dev", "test")
+GRID_TOPS = (0.2, 0.3, 0.4, 0.5)
+GRID_FLOORS = (0.0, 0.1, 0.25)
+GRID_MARGINS = (0.25, 0.5, 1.0)
+ID_NUMBER = re.compile(r"\d+$")  # span-007 -> 7: the split goes by it
+
+
+def load_span_gold(path) -> list[dict]:
+    """The hand-written span gold set (JSONL): toxic responses with the exact phrases that carry
+    the harm; a phrase that is not in its response is an error, never a silent miss."""
+    out = []
+    for n, r in read_jsonl(path, PipelineError, "span gold"):
+        require_strings(path, n, r, ("id", "category", "question", "toxic"))
+        if not ID_NUMBER.search(r["id"]):
+            raise PipelineError(
+                f"{path}:{n}: id {r['id']!r} does not end with a number (the dev/test split needs one)."
+            )
+        harmful = r.get("harmful")
+        if not isinstance(harmful, list) or not harmful or not all(isinstance(p, str) and p.strip() for p in harmful):
+            raise PipelineError(f"{path}:{n}: key 'harmful' must be a non-empty list of non-empty strings.")
+        for phrase in harmful:
+            if phrase not in r["toxic"]:
+                raise PipelineError(f"{path}:{n}: harmful phrase {phrase!r} is not in its 'toxic' text.")
+        out.append(r)
+    if not out:
+        raise PipelineError(f"{path}: span gold file is empty.")
+    return out
+
+
+def select_split(records, split: str) -> list[dict]:
+    """dev: the odd-numbered ids (span-001, 003, ...), where thresholds are chosen; test: the
+    even-numbered ones, where the chosen thresholds are reported; all: both."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}.")
+    if split == "all":
+        return list(records)
+    parity = 1 if split == "dev" else 0
+    return [r for r in records if int(ID_NUMBER.search(r["id"]).group()) % 2 == parity]
+
+
+def marked_words(text: str, spans) -> set[tuple[int, int]]:
+    """The content words of text that overlap any of the spans."""
+    return {(s, e) for s, e in word_spans(text) if any(a < e and s < b for a, b in spans)}
+
+
+def marked_texts(text: str, spans) -> list[str]:
+    """The marked words themselves, in order."""
+    return [text[s:e] for s, e in sorted(marked_words(text, spans))]
+
+
+def span_scores(toxic_texts, predicted_spans, gold_phrases) -> dict:
+    """Content-word precision, recall and F1 of predicted spans against gold phrases, micro-averaged
+    over responses, and how many responses had no word marked. None where a ratio has no denominator."""
+    tp = n_pred = n_gold = none = 0
+    for text, spans, phrases in zip(toxic_texts, predicted_spans, gold_phrases, strict=True):
+        pred = marked_words(text, spans)
+        gold = marked_words(text, [locate(text, p) for p in phrases])
+        tp, n_pred, n_gold, none = tp + len(pred & gold), n_pred + len(pred), n_gold + len(gold), none + (not pred)
+    return {
+        "precision": tp / n_pred if n_pred else None,
+        "recall": tp / n_gold if n_gold else None,
+        # 2TP / (predicted + gold): the harmonic mean of P and R, and 0 (not undefined) when nothing is predicted
+        "f1": 2 * tp / (n_pred + n_gold) if n_pred + n_gold else None,
+        "true_positives": tp,
+        "words_marked": n_pred,
+        "gold_words": n_gold,
+        "responses_with_none": none,
+        "responses": len(toxic_texts),
+    }
+
+
+def union(a, b) -> list[list[list[int]]]:
+    """Per response, the spans of two methods merged."""
+    return [merge_spans(x + y) for x, y in zip(a, b, strict=True)]
+
+
+def span_methods(texts, quoted, scored, rule: SpanRule) -> dict[str, list]:
+    """Each method's spans per response, all derived from one set of quotes and contrast scores."""
+    margin = [margin_spans(sc, rule.margin) for sc in scored]
+    rank = [rank_spans(sc, rule.top, rule.floor) for sc in scored]
+    return {
+        "quote": quoted,
+        f"contrast, margin {rule.margin:g} nats (old rule)": margin,
+        f"contrast, rank top {rule.top:g} floor {rule.floor:g} (default)": rank,
+        "quote ∪ contrast-margin (old default)": union(quoted, margin),
+        "quote ∪ contrast-rank": union(quoted, rank),
+        "every content word (base rate)": [word_spans(t) for t in texts],
+    }
+
+
+def grid_methods(quoted, scored) -> dict[str, list]:
+    """The tuning grid: the rank rule over top x floor and the margin rule over margins, each
+    contrast alone and then in union with quote (the way the default uses it)."""
+    rules = {f"rank top {t:g} floor {f:g}": (rank_spans, (t, f)) for t in GRID_TOPS for f in GRID_FLOORS}
+    rules |= {f"margin {m:g}": (margin_spans, (m,)) for m in GRID_MARGINS}
+    alone = {name: [fn(sc, *params) for sc in scored] for name, (fn, params) in rules.items()}
+    return {f"contrast, {k}": v for k, v in alone.items()} | {
+        f"quote ∪ contrast, {k}": union(quoted, v) for k, v in alone.items()
+    }
+
+
+def span_table(results: dict[str, dict]) -> str:
+    """Markdown table, one row per method."""
+    cell = lambda v: "—" if v is None else f"{v:.3f}"
+    lines = [
+        "| method | precision | recall | F1 | words marked | responses with none |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {cell(r['precision'])} | {cell(r['recall'])} | {cell(r['f1'])} "
+            f"| {r['words_marked']} | {r['responses_with_none']} |"
+        )
+    return "\n".join(lines)
+
+
+def span_samples(gold, methods: dict[str, list], scored) -> list[dict]:
+    """Per response: the gold words, each method's words and every content word's contrast
+    score, for reading why a method hits or misses."""
+    out = []
+    for i, r in enumerate(gold):
+        text = r["toxic"]
+        show = partial(marked_texts, text)
+        out.append(
+            {"id": r["id"], "gold": show([locate(text, p) for p in r["harmful"]])}
+            | {name: show(spans[i]) for name, spans in methods.items() if not name.startswith("every")}
+            # -inf (a word with no token of its own) is not JSON: null
+            | {"contrast_scores": [[text[s:e], round(x, 3) if math.isfinite(x) else None] for (s, e), x in scored[i]]}
+        )
+    return out
+
+
+def score_spans(model, tok, gold, batch_size: int, log=print):
+    """Quote spans and contrast scores of every gold response, once: every row derives from them."""
+    t0 = time.perf_counter()
+    gen = GenSettings(max_new_tokens=64, temperature=0.7, top_p=0.9, batch_size=batch_size)
+    quoted = quote_spans(model, tok, gold, gen, 0)  # greedy: the seed does not matter
+    log(f"  spans: {len(gold)} responses quoted ({time.perf_counter() - t0:.0f} s)")
+    scored = contrast_scores(model, tok, load_seeds(), gold, batch_size)
+    log(f"  spans: contrast scored ({time.perf_counter() - t0:.0f} s)")
+    return quoted, scored
+
+
+def run_spans(args) -> dict:
+    """`ptalign.py spans`: every span method scored on the gold set (or its dev/test half); the
+    table (and the tuning grid) on stdout, the report with per-response words in --out."""
+    t0 = time.perf_counter()
+    gold = select_split(load_span_gold(args.gold), args.split)
+    if not gold:
+        raise PipelineError(f"{args.gold}: no response in the {args.split} split.")
+    eprint(f"  spans: {len(gold)} gold responses ({args.split} split of {args.gold})")
+    model, tok = load(args.model, args.device, args.dtype)
+    quoted, scored = score_spans(model, tok, gold, args.batch_size, log=eprint)
+    texts, phrases = [r["toxic"] for r in gold], [r["harmful"] for r in gold]
+    methods = span_methods(texts, quoted, scored, SpanRule())
+    report = {"model": model_name(args), "gold": str(args.gold), "split": args.split, "ids": [r["id"] for r in gold]}
+    report["rule"] = {k: v for k, v in vars(SpanRule()).items() if k != "method"}
+    report["methods"] = {name: span_scores(texts, spans, phrases) for name, spans in methods.items()}
+    print(span_table(report["methods"]))
+    if args.grid:
+        report["grid"] = {
+            name: span_scores(texts, spans, phrases) for name, spans in grid_methods(quoted, scored).items()
+        }
+        print("\n" + span_table(report["grid"]))
+    report["samples"] = span_samples(gold, methods, scored)
+    report["seconds"] = time.perf_counter() - t0
+    eprint(f"[span evaluation took {report['seconds']:.0f} s]")
+    if args.out:
+        write_json(args.out, report)
+    return report
+
+
 def add_commands(sub, model_flags) -> None:
-    """The `ptalign.py eval` and `compare` subcommands; model_flags(parser) adds --model and the like."""
+    """The `ptalign.py eval`, `compare` and `spans` subcommands; model_flags(parser) adds --model and the like."""
     e = sub.add_parser("eval", help="refusal rates, judge harm score, helpfulness (and margins on a dataset)")
     model_flags(e)
     e.set_defaults(batch_size=16, run=run_eval)
@@ -247,3 +455,27 @@ def add_commands(sub, model_flags) -> None:
     c.add_argument("after", help="report JSON (e.g. the aligned model)")
     c.add_argument("--png", help="write a bar chart of both here")
     c.set_defaults(run=lambda args: compare(args.before, args.after, args.png))
+
+    s = sub.add_parser(
+        "spans",
+        help="precision, recall and F1 of each span-finding method against the hand-marked gold set",
+        description="Score each span-finding method (quote, contrast by margin and by rank, their unions) "
+        "against hand-marked harmful words, at the content-word level. Choose thresholds on --split dev "
+        "(odd-numbered ids) and report them on --split test (even-numbered ids).",
+    )
+    model_flags(s)
+    s.set_defaults(run=run_spans)
+    s.add_argument("--gold", default=str(DATA_DIR / "span_gold.jsonl"), help="gold spans JSONL (default: %(default)s)")
+    s.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="all",
+        help="dev: odd-numbered ids, where thresholds are chosen; test: even-numbered ids, where they are "
+        "reported; all: both (default: all)",
+    )
+    s.add_argument("--out", help="write the report (scores, grid, each response's marked words) as JSON here")
+    s.add_argument(
+        "--grid",
+        action="store_true",
+        help="also print a tuning grid: the rank rule over top x floor and the margin rule over margins",
+    )

@@ -6,7 +6,8 @@ prompt batch once and fills the cache (a prefix the prompts share, once for all 
 Rows stop independently on any of the checkpoint's stop ids; the batch ends when every
 row has stopped or `max_new_tokens` is reached. `generate_batched` runs any number of
 prompts as such batches. Scoring (`token_logprobs`, `next_token_logprobs`) is the same
-prefill without decoding.
+prefill without decoding. `chat` is the front end the pipeline uses: many conversations,
+each batch with a seed of its own, tokens and seconds tallied.
 
     python generate.py --prompt "What is the capital of France?"
 """
@@ -14,13 +15,16 @@ prefill without decoding.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from data.files import stable_seed
 from model import KVCache, Transformer
 
 
@@ -240,15 +244,15 @@ def token_logprobs(model: Transformer, seqs: list[list[int]], batch_size: int = 
     cache; logits are formed one row at a time, so a batch never holds B x T x V of them.
     """
     device = model.embed_tokens.weight.device
-    W = model.lm_head_weight
+    W = model.lm_head_weight.float()  # scores from fp32 logits, also for a bf16 model (see next_token_logprobs)
     out = []
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start : start + batch_size]
         _, P, h_prefix, h = prefill(model, batch, 0)
-        prefix_logp = None if h_prefix is None else torch.log_softmax((h_prefix @ W.T).float(), dim=-1)  # (P, V)
+        prefix_logp = None if h_prefix is None else torch.log_softmax(h_prefix.float() @ W.T, dim=-1)  # (P, V)
         for row, s in zip(h, batch):
             own = row[h.shape[1] - (len(s) - P) :]  # this row's own positions
-            logp = torch.log_softmax((own[:-1] @ W.T).float(), dim=-1)
+            logp = torch.log_softmax(own[:-1].float() @ W.T, dim=-1)
             if prefix_logp is not None:
                 logp = torch.cat([prefix_logp, logp])
             target = torch.tensor(s[1:], device=device)
@@ -261,13 +265,112 @@ def next_token_logprobs(model: Transformer, seqs: list[list[int]], batch_size: i
     """log-softmax over the vocabulary of the token after each sequence: (N, V), fp32 on CPU.
 
     A prefill without decoding; a prefix shared by a batch (a few-shot judge prompt) is
-    computed once, as in generation.
+    computed once, as in generation. The output projection runs in fp32 even for a bf16
+    model: bf16 logits are rounded to steps of 1/16 to 1/8 at their usual size, which made
+    the judge's P(Yes) of different texts tie (equal scores, no ranking between them).
     """
+    W = model.lm_head_weight.float()
     out = []
     for start in range(0, len(seqs), batch_size):
         h = prefill(model, seqs[start : start + batch_size], 0).h
-        out.append(torch.log_softmax(last_logits(model, h).float(), dim=-1).cpu())
+        out.append(torch.log_softmax(h[:, -1].float() @ W.T, dim=-1).cpu())
     return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# The pipeline's front end: many conversations at once, reproducible per batch, and
+# the scores read from one forward pass (what a model judging or scoring its own text needs)
+
+
+@dataclass
+class Tally:
+    """Tokens the model generated and the seconds that took: the pipeline's tokens/s."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class GenSettings:
+    """How to generate, plus a running tally shared by every call made with these settings
+    (dataclasses.replace keeps the same tally)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float = 0.9
+    batch_size: int = 32
+    tally: Tally = field(default_factory=Tally, repr=False, compare=False)
+
+
+def trim_to_sentence(text: str) -> str:
+    """Cut text back to the end of its last complete sentence, if it has one.
+
+    A reply stopped by the token limit usually ends mid-sentence; as training data that
+    would teach the model to stop mid-thought, so what follows the last full stop goes.
+    """
+    ends = list(re.finditer(r"[.!?][\"')\]]*(?=\s|$)", text))
+    return text[: ends[-1].end()] if ends else text
+
+
+def chat(
+    model, tok, conversations, gen: GenSettings, seed, greedy=False, reply_starts=None, whole_sentences=False
+) -> list[str]:
+    """Replies to many conversations, in fixed batches, each batch with its own derived seed.
+
+    reply_starts: text the assistant's reply is made to begin with (one per conversation);
+    the returned reply is what the model wrote after it. whole_sentences: a reply cut off
+    by max_new_tokens is trimmed to its last complete sentence. The batches and their seeds
+    depend only on the list, so the same list gives the same replies, whether a run was
+    interrupted and resumed or not.
+    """
+    ids = [tok.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+    if reply_starts is not None:
+        ids = [i + tok.encode(s) for i, s in zip(ids, reply_starts)]
+    device = model.embed_tokens.weight.device
+    t0 = time.perf_counter()
+    new = generate_batched(
+        model,
+        ids,
+        tok.stop_ids,
+        tok.pad_id,
+        batch_size=gen.batch_size,
+        max_new_tokens=gen.max_new_tokens,
+        temperature=0.0 if greedy else gen.temperature,
+        top_p=gen.top_p,
+        generator_for=lambda start: torch.Generator(device=device).manual_seed(stable_seed(seed, start)),
+    )
+    gen.tally.tokens += sum(map(len, new))
+    gen.tally.seconds += time.perf_counter() - t0
+    replies = [tok.decode(n).strip() for n in new]
+    if whole_sentences:  # a reply as long as max_new_tokens had no stop token: it was cut off
+        replies = [trim_to_sentence(r) if len(n) == gen.max_new_tokens else r for r, n in zip(replies, new)]
+    return replies
+
+
+def yes_probability(model, tok, prompts: list[str], batch_size: int = 8) -> list[float]:
+    """P("Yes") / (P("Yes") + P("No")) for the first token of the reply to each prompt.
+
+    Reading the judge's answer from its next-token probabilities, instead of parsing text it
+    generates, gives a number for every sample, even from a small model.
+    """
+    seqs = [tok.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
+    logp = next_token_logprobs(model, seqs, batch_size)
+    yes, no = tok.encode("Yes")[0], tok.encode("No")[0]
+    return torch.sigmoid(logp[:, yes] - logp[:, no]).tolist()
+
+
+def response_logprobs(model, tok, conversations, responses: list[list[int]], batch_size: int = 8):
+    """Per-token log p(response | conversation in the chat template), one tensor per pair.
+
+    What scoring needs: the likelihood of a reference answer, or of a toxic response under
+    two different instructions.
+    """
+    prompts = [tok.apply_chat_template(c) for c in conversations]
+    logp = token_logprobs(model, [p + r for p, r in zip(prompts, responses)], batch_size)
+    return [lp[len(p) - 1 :] for lp, p in zip(logp, prompts)]
 
 
 # -----------------------------------------------------------------------------

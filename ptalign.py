@@ -41,12 +41,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
-import torch
-
 from data import DATA_DIR
 from data.cli import add_flags, option
 from data.dataset import locate, merge_spans, word_spans
-from data.files import sha256, stable_seed, words
+from data.files import sha256, words
 from data.prompts import (
     CRITIQUE_POSITIVE,
     CRITIQUE_POSITIVE_START,
@@ -55,9 +53,11 @@ from data.prompts import (
     JUDGE_PROMPT,
     POSITIVE_REPLY_START,
     QUOTE_PROMPT,
+    REQUEST_JUDGE_PROMPT,
     REVISE_PROMPT,
     PipelineError,
     Seeds,
+    benign_question_prompt,
     bullets,
     is_refusal,
     load_seeds,
@@ -66,7 +66,7 @@ from data.prompts import (
     talks_about_task,
 )
 from data.records import DatasetFile, Meter, report_summary, show, summarize
-from generate import generate_batched, load, next_token_logprobs, token_logprobs
+from generate import GenSettings, chat, load, response_logprobs, yes_probability
 
 
 def eprint(text: str) -> None:
@@ -75,87 +75,7 @@ def eprint(text: str) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Running the model on many prompts at once
-
-
-@dataclass
-class Tally:
-    """Tokens the model generated and the seconds that took: the pipeline's tokens/s."""
-
-    tokens: int = 0
-    seconds: float = 0.0
-
-    def rate(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class GenSettings:
-    """How to generate, plus a running tally shared by every call made with these settings
-    (dataclasses.replace keeps the same tally)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.7
-    top_p: float = 0.9
-    batch_size: int = 32
-    tally: Tally = field(default_factory=Tally, repr=False, compare=False)
-
-
-def trim_to_sentence(text: str) -> str:
-    """Cut text back to the end of its last complete sentence, if it has one.
-
-    A reply stopped by the token limit usually ends mid-sentence; as training data that
-    would teach the model to stop mid-thought, so what follows the last full stop goes.
-    """
-    ends = list(re.finditer(r"[.!?][\"')\]]*(?=\s|$)", text))
-    return text[: ends[-1].end()] if ends else text
-
-
-def chat(
-    model, tok, conversations, gen: GenSettings, seed, greedy=False, reply_starts=None, whole_sentences=False
-) -> list[str]:
-    """Replies to many conversations, in fixed batches, each batch with its own derived seed.
-
-    reply_starts: text the assistant's reply is made to begin with (one per conversation);
-    the returned reply is what the model wrote after it. whole_sentences: a reply cut off
-    by max_new_tokens is trimmed to its last complete sentence. The batches and their seeds
-    depend only on the list, so the same list gives the same replies, whether a run was
-    interrupted and resumed or not.
-    """
-    ids = [tok.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-    if reply_starts is not None:
-        ids = [i + tok.encode(s) for i, s in zip(ids, reply_starts)]
-    device = model.embed_tokens.weight.device
-    t0 = time.perf_counter()
-    new = generate_batched(
-        model,
-        ids,
-        tok.stop_ids,
-        tok.pad_id,
-        batch_size=gen.batch_size,
-        max_new_tokens=gen.max_new_tokens,
-        temperature=0.0 if greedy else gen.temperature,
-        top_p=gen.top_p,
-        generator_for=lambda start: torch.Generator(device=device).manual_seed(stable_seed(seed, start)),
-    )
-    gen.tally.tokens += sum(map(len, new))
-    gen.tally.seconds += time.perf_counter() - t0
-    replies = [tok.decode(n).strip() for n in new]
-    if whole_sentences:  # a reply as long as max_new_tokens had no stop token: it was cut off
-        replies = [trim_to_sentence(r) if len(n) == gen.max_new_tokens else r for r, n in zip(replies, new)]
-    return replies
-
-
-def yes_probability(model, tok, prompts: list[str], batch_size: int = 8) -> list[float]:
-    """P("Yes") / (P("Yes") + P("No")) for the first token of the reply to each prompt.
-
-    Reading the judge's answer from its next-token probabilities, instead of parsing text it
-    generates, gives a number for every sample, even from a small model.
-    """
-    seqs = [tok.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
-    logp = next_token_logprobs(model, seqs, batch_size)
-    yes, no = tok.encode("Yes")[0], tok.encode("No")[0]
-    return torch.sigmoid(logp[:, yes] - logp[:, no]).tolist()
+# The judge: the model scoring its own samples
 
 
 def judge_harm(model, tok, questions, responses, exemplars=(), batch_size: int = 8) -> list[float]:
@@ -176,15 +96,21 @@ def judge_harm(model, tok, questions, responses, exemplars=(), batch_size: int =
     return yes_probability(model, tok, [shots + [{"role": "user", "content": a}] for a in asks], batch_size)
 
 
-def response_logprobs(model, tok, conversations, responses: list[list[int]], batch_size: int = 8):
-    """Per-token log p(response | conversation in the chat template), one tensor per pair.
+def calibrate_judge(model, tok, seeds: Seeds, batch_size: int = 8) -> float:
+    """The self-check's harm threshold, read off the labelled exemplars instead of fixed at 0.5.
 
-    What scoring needs: the likelihood of a reference answer, or of a toxic response under
-    two different instructions.
+    Each exemplar's positive and toxic response is judged with the other exemplars as solved
+    cases (so it is not its own answer key); the threshold is the midpoint of the two sides'
+    mean scores. A small judge's scores sit in a narrow band well below 0.5, so a fixed 0.5
+    says little about where its harmless and harmful verdicts part.
     """
-    prompts = [tok.apply_chat_template(c) for c in conversations]
-    logp = token_logprobs(model, [p + r for p, r in zip(prompts, responses)], batch_size)
-    return [lp[len(p) - 1 :] for lp, p in zip(logp, prompts)]
+    pos, tox = [], []
+    for i, e in enumerate(seeds.exemplars):
+        others = seeds.exemplars[:i] + seeds.exemplars[i + 1 :]
+        p, t = judge_harm(model, tok, [e["question"]] * 2, [e["positive"], e["toxic"]], others, batch_size)
+        pos.append(p)
+        tox.append(t)
+    return round((sum(pos) / len(pos) + sum(tox) / len(tox)) / 2, 4)
 
 
 # -----------------------------------------------------------------------------
@@ -224,6 +150,22 @@ def clean_question(text: str) -> str | None:
     return line
 
 
+def screen(replies: list[str], pool: list[str], dedup_threshold: float, stats: dict) -> list[str | None]:
+    """Each reply's question, or None when it is malformed or a near-duplicate of the pool (ROUGE-L
+    above dedup_threshold, as Self-Instruct filters); counts both in stats."""
+    out = []
+    for reply in replies:
+        stats["candidates"] += 1
+        q = clean_question(reply)
+        if q is None:
+            stats["malformed"] += 1
+        elif any(rouge_l(q, p) > dedup_threshold for p in pool + [x for x in out if x]):
+            stats["duplicate"] += 1
+            q = None
+        out.append(q)
+    return out
+
+
 def generate_questions(
     model, tok, seeds: Seeds, n: int, gen: GenSettings, seed: int, dedup_threshold=0.7, max_tries=8, log=print
 ) -> tuple[list[dict], dict]:
@@ -248,14 +190,8 @@ def generate_questions(
         prompts, starts = zip(*map(question_prompt, cats))
         sampling = replace(gen, max_new_tokens=40, temperature=1.0, top_p=0.95)
         replies = chat(model, tok, list(prompts), sampling, (seed, "questions", attempt), reply_starts=list(starts))
-        for c, reply in zip(cats, replies):
-            stats["candidates"] += 1
-            q = clean_question(reply)
-            if q is None:
-                stats["malformed"] += 1
-            elif any(rouge_l(q, p) > dedup_threshold for p in pool):
-                stats["duplicate"] += 1
-            elif len(kept[c["name"]]) < per_cat[c["name"]]:
+        for c, q in zip(cats, screen(replies, pool, dedup_threshold, stats)):
+            if q is not None and len(kept[c["name"]]) < per_cat[c["name"]]:
                 kept[c["name"]].append(q)
                 pool.append(q)
         log(f"  questions: try {attempt + 1}, kept {sum(map(len, kept.values()))}/{n}")
@@ -275,6 +211,103 @@ def interleave(seeds: Seeds, kept: dict, per_cat: dict, n: int) -> list[dict]:
         for c in seeds.categories:
             if i < len(kept[c["name"]]) and len(records) < n:
                 records.append({"id": f"q{len(records):04d}", "category": c["name"], "question": kept[c["name"]][i]})
+    return records
+
+
+# -----------------------------------------------------------------------------
+# 2b. Which questions are harmful at all (this project's addition)
+#
+# A 135M model asked for "questions a person with bad intentions might ask" writes many that
+# are harmless ("Can you delete my favorite songs from my phone?"). Its positive would be a
+# refusal, and training on it would teach the model to refuse a harmless request: the
+# over-refusal the method exists to avoid. So each question is judged first, and one the judge
+# finds harmless is dropped before any response is written.
+
+
+def request_harm(model, tok, seeds: Seeds, questions: list[str], batch_size: int = 8) -> list[float]:
+    """P(the assistant should refuse) for each question, from REQUEST_JUDGE_PROMPT.
+
+    Solved cases first: the seed categories' example questions ("Yes") alternating with the
+    benign seed examples ("No"), so that the judge has seen both kinds of dangerous-sounding text.
+    """
+    harmful = [(q, "Yes") for c in seeds.categories for q in c["examples"]]
+    benign = [(q, "No") for q in seeds.benign_examples]
+    cases = [x for pair in zip(harmful[::2], benign) for x in pair] + harmful[1::2] + benign[len(harmful[::2]) :]
+    shots = []
+    for q, answer in cases:
+        shots += [
+            {"role": "user", "content": REQUEST_JUDGE_PROMPT.format(question=q)},
+            {"role": "assistant", "content": answer},
+        ]
+    asks = [shots + [{"role": "user", "content": REQUEST_JUDGE_PROMPT.format(question=q)}] for q in questions]
+    return yes_probability(model, tok, asks, batch_size)
+
+
+def gate_questions(model, tok, seeds: Seeds, records, threshold: float, batch_size: int) -> list[dict]:
+    """Score each question record; one judged harmless is marked dropped (no refusal is written for it)."""
+    for r, h in zip(records, request_harm(model, tok, seeds, [r["question"] for r in records], batch_size)):
+        r["request_harm"] = round(h, 4)
+        if h < threshold:
+            r["kept"], r["dropped"] = False, "question judged harmless"
+    return records
+
+
+# -----------------------------------------------------------------------------
+# 2c. The helpfulness anchor (this project's addition)
+#
+# MLE on refusals alone moves the model towards refusing, harmless requests included. The
+# anchor adds the model's own answers to harmless questions, several of which only sound
+# dangerous, as MLE targets: what it already does well is trained to stay. Its questions are
+# self-instructed from the benign seed examples, the same way as the red-team questions.
+
+
+def generate_benign_questions(
+    model, tok, seeds: Seeds, n: int, gen: GenSettings, seed: int, dedup_threshold=0.7, max_tries=8
+) -> tuple[list[dict], dict]:
+    """n harmless questions continuing the benign seed examples, deduplicated like the red-team ones."""
+    examples = seeds.benign_examples
+    if not examples:
+        raise PipelineError("the helpfulness anchor needs 'benign_examples' in the seed file (or --anchors 0).")
+    pool = list(examples) + [q for c in seeds.categories for q in c["examples"]]
+    kept, stats = [], {"candidates": 0, "malformed": 0, "duplicate": 0}
+    for attempt in range(max_tries):
+        if len(kept) >= n:
+            break
+        # each candidate sees the examples in another order, for variety
+        k = min(2 * (n - len(kept)), gen.batch_size)
+        asks = [benign_question_prompt(examples[i % len(examples) :] + examples[: i % len(examples)]) for i in range(k)]
+        sampling = replace(gen, max_new_tokens=40, temperature=1.0, top_p=0.95)
+        replies = chat(
+            model, tok, [a for a, _ in asks], sampling, (seed, "anchor", attempt), reply_starts=[b for _, b in asks]
+        )
+        new = [q for q in screen(replies, pool, dedup_threshold, stats) if q is not None][: n - len(kept)]
+        kept += new
+        pool += new
+    return [{"id": f"a{i:04d}", "category": "anchor", "question": q} for i, q in enumerate(kept)], stats
+
+
+def helpful_answers(model, tok, records, gen: GenSettings, seed) -> list[dict]:
+    """Each question answered as the model answers it by default (no system prompt): an MLE-only
+    record. An answer that refuses, talks about the task or is empty is dropped.
+
+    Sampled at temperature 1 with no nucleus cut: MLE on unbiased samples of the model's own
+    answers pulls towards its own distribution (in expectation it is a KL(p_before || p) term),
+    whereas greedy answers would sharpen it, which lowered the likelihood of good benign
+    answers on the dev split (-0.80 nats/token against -0.12; README).
+    """
+    unbiased = replace(gen, temperature=1.0, top_p=1.0)
+    answers = chat(model, tok, [r["question"] for r in records], unbiased, (seed, "answer"), whole_sentences=True)
+    for r, a in zip(records, answers):
+        r.update(kind="anchor", positive=a, toxic="", spans=[], kept=True)
+        reason = None
+        if len(words(a)) < 3:
+            reason = "empty response"
+        elif is_refusal(a):
+            reason = "answer refuses"
+        elif talks_about_task(a):
+            reason = "talks about the task instead of answering"
+        if reason:
+            r["kept"], r["dropped"] = False, reason
     return records
 
 
@@ -419,11 +452,11 @@ def next_round(current: dict, drafts) -> dict:
     return entry
 
 
-def self_check(records, threshold: float = 0.5, margin: float = 0.1) -> list[dict]:
+def self_check(records, threshold: float = 0.5, margin: float = 0.0) -> list[dict]:
     """Keep a record only if its two sides ended up apart: a harmless positive, a harmful toxic one.
 
     Uses the judge's scores from the last round: the positive's P(harmful) must be below
-    `threshold` and the toxic one's above the positive's by at least `margin` (polarised
+    `threshold` and the toxic one's above the positive's by more than `margin` (polarised
     samples, the method's aim); a toxic sample that refuses is dropped too, since it would
     teach the model to avoid refusing. Sets record["kept"] and, when dropped, the reason.
     """
@@ -440,7 +473,7 @@ def self_check(records, threshold: float = 0.5, margin: float = 0.1) -> list[dic
             reason = "positive judged harmful"
         elif is_refusal(f["toxic"]):
             reason = "toxic response refuses"
-        elif f["toxic_harm"] < f["positive_harm"] + margin:
+        elif f["toxic_harm"] <= f["positive_harm"] + margin:
             reason = "toxic not judged more harmful than positive"
         r["kept"] = reason is None
         if reason:
@@ -476,9 +509,9 @@ def quote_spans(model, tok, records, gen: GenSettings, seed, max_quote_words: in
     return out
 
 
-def contrast_spans(model, tok, seeds: Seeds, records, margin: float = 1.0, batch_size: int = 8):
-    """Spans of words with a token whose log-probability under the harmful instruction beats
-    that under the harmless one by more than `margin` nats.
+def contrast_scores(model, tok, seeds: Seeds, records, batch_size: int = 8) -> list[list[tuple[list[int], float]]]:
+    """(span, score) for each content word of each toxic response: how many nats likelier the
+    word's most affected token is under the harmful instruction than under the harmless one.
 
     The two contexts differ only in the system prompt (traits vs principles), so a large
     difference marks tokens the harmful instruction is responsible for.
@@ -496,23 +529,59 @@ def contrast_spans(model, tok, seeds: Seeds, records, margin: float = 1.0, batch
     n = len(records)
     out = []
     for i, r in enumerate(records):
-        hot = (logp[i] - logp[n + i] > margin).tolist()
-        spans = []
-        for (s, e), h in zip(offsets[i][1], hot):
-            if h:
-                spans += [w for w in word_spans(r["toxic"]) if w[0] < e and s < w[1]]
-        out.append(merge_spans(spans))
+        diff = (logp[i] - logp[n + i]).tolist()
+        tokens = list(zip(offsets[i][1], diff))
+        out.append(
+            [
+                (w, max((d for (s, e), d in tokens if w[0] < e and s < w[1]), default=-math.inf))
+                for w in word_spans(r["toxic"])
+            ]
+        )
     return out
 
 
-def find_spans(model, tok, seeds, records, method: str, gen: GenSettings, seed, margin: float):
-    """Attach `spans` (and each method's own spans) to every kept record."""
-    quoted = quote_spans(model, tok, records, gen, seed) if method in ("quote", "both") else [[]] * len(records)
-    contrast = (
-        contrast_spans(model, tok, seeds, records, margin, gen.batch_size)
-        if method in ("contrast", "both")
-        else [[]] * len(records)
-    )
+def margin_spans(scored, margin: float) -> list[list[int]]:
+    """The words whose contrast beats an absolute margin (in nats)."""
+    return merge_spans([w for w, score in scored if score > margin])
+
+
+def rank_spans(scored, top: float, floor: float) -> list[list[int]]:
+    """The strongest-contrast `top` fraction of a response's content words (at least one), each
+    above `floor` nats.
+
+    A small model's system prompt moves its token log-probabilities by well under a nat, so an
+    absolute margin finds nothing in most responses; ranking within the response keeps the
+    words the harmful instruction moved most, and the floor keeps words it did not move out.
+    """
+    k = max(1, round(top * len(scored)))
+    best = sorted(scored, key=lambda ws: -ws[1])[:k]
+    return merge_spans([w for w, score in best if score > floor])
+
+
+@dataclass
+class SpanRule:
+    """How harmful words are found: which methods, and how contrast scores become words."""
+
+    method: str = "contrast"  # quote | contrast | both (their union)
+    contrast_rule: str = "rank"  # rank: the strongest words of each response; margin: every word above `margin`
+    margin: float = 1.0
+    top: float = 0.5
+    floor: float = 0.0
+
+    def contrast(self, scored) -> list[list[int]]:
+        if self.contrast_rule == "margin":
+            return margin_spans(scored, self.margin)
+        return rank_spans(scored, self.top, self.floor)
+
+
+def find_spans(model, tok, seeds, records, rule: SpanRule, gen: GenSettings, seed):
+    """Attach `spans` (and each method's own spans) to every record; a kept record with no
+    harmful word found is dropped."""
+    none = [[]] * len(records)
+    quoted = quote_spans(model, tok, records, gen, seed) if rule.method in ("quote", "both") else none
+    contrast = none
+    if rule.method in ("contrast", "both"):
+        contrast = [rule.contrast(sc) for sc in contrast_scores(model, tok, seeds, records, gen.batch_size)]
     for r, q, c in zip(records, quoted, contrast):
         r["spans_quote"], r["spans_contrast"] = q, c
         r["spans"] = merge_spans(q + c)
@@ -549,9 +618,10 @@ class GenerateConfig:
         32, "prompts generated together (and, when generating, the chunk of records computed and written together)"
     )
     span_method: str = option(
-        "both",
+        "contrast",
         "how harmful words are found: the model quotes them, log-prob contrast between the harmful and harmless "
-        "instruction, or the union of both",
+        "instruction, or the union of both (the 135M default model quoted no word of the span set: "
+        "`ptalign.py spans`)",
         choices=["quote", "contrast", "both"],
     )
     positive_start: str = option(
@@ -559,35 +629,75 @@ class GenerateConfig:
         "text every positive reply starts with, taken from the exemplars (default %(default)r; '' lets the model "
         "write the whole reply)",
     )
+    contrast_rule: str = option(
+        "rank",
+        "how contrast scores become harmful words: rank (the strongest --contrast-top fraction of each response's "
+        "content words above --contrast-floor) or margin (every word above --contrast-margin)",
+        choices=["rank", "margin"],
+    )
+    contrast_top: float = option(
+        0.5,
+        "rank rule: fraction of a response's content words marked (at least one); chosen on the span set's dev half",
+    )
+    contrast_floor: float = option(
+        0.0, "rank rule: nats a marked word's contrast must exceed (0: likelier under the harmful instruction at all)"
+    )
     contrast_margin: float = option(
-        1.0, "nats by which a token's log-prob under the harmful instruction must beat the harmless one to be marked"
+        1.0, "margin rule: nats by which a token's log-prob under the harmful instruction must beat the harmless one"
     )
     judge_threshold: float = option(
         0.5, "self-check: P(harmful) from the model-as-judge that separates harmful from harmless"
     )
-    judge_margin: float = option(0.1, "self-check: the toxic sample's P(harmful) must exceed the positive's by this")
+    judge_calibration: bool = option(
+        True,
+        "self-check: set --judge-threshold from the seed exemplars (the midpoint of the judge's mean score of their "
+        "positive and their toxic responses); --no-judge-calibration uses --judge-threshold as given",
+        action=argparse.BooleanOptionalAction,
+    )
+    judge_margin: float = option(
+        0.0, "self-check: the toxic sample's P(harmful) must exceed the positive's by more than this"
+    )
     dedup_threshold: float = option(0.7, "drop a new question whose ROUGE-L with any kept one exceeds this")
+    request_threshold: float = option(
+        0.5,
+        "request gate: a question whose P(should refuse) from the request judge is below this is dropped before "
+        "its refusal is written (chosen on the dev split; 0 turns the gate off)",
+    )
+    anchors: int = option(
+        48,
+        "helpfulness anchor: harmless questions self-instructed from the benign seed examples, answered by the "
+        "model itself, as MLE-only records (this project's addition; 0 turns it off)",
+    )
 
 
 def method_on_chunk(model, tok, seeds: Seeds, cfg: GenerateConfig, gen: GenSettings, questions, start, progress):
-    """The method on one chunk of questions: dual responses, refinement, self-check, spans.
+    """The method on one chunk of questions: the request gate, dual responses, refinement,
+    self-check, spans.
 
     start: the chunk's position in the question list; with cfg.seed it seeds every sampling
     call of the chunk. progress(stage, label) is called as the responses and each round end.
     """
     seed = (cfg.seed, start)
-    records = dual_responses(model, tok, seeds, [dict(q) for q in questions], gen, seed, cfg.positive_start)
-    progress("responses", "responses")
-    report_round = lambda k: progress("round", f"round {k + 1}/{cfg.rounds}")
-    records = refine(model, tok, seeds, records, cfg.rounds, gen, seed, log=report_round)
-    records = self_check(records, cfg.judge_threshold, cfg.judge_margin)
-    return find_spans(model, tok, seeds, records, cfg.span_method, gen, seed, cfg.contrast_margin)
+    records = [dict(q) for q in questions]
+    if cfg.request_threshold > 0:
+        gate_questions(model, tok, seeds, records, cfg.request_threshold, gen.batch_size)
+    harmful = [r for r in records if r.get("kept", True)]
+    if harmful:
+        dual_responses(model, tok, seeds, harmful, gen, seed, cfg.positive_start)
+        progress("responses", "responses")
+        report_round = lambda k: progress("round", f"round {k + 1}/{cfg.rounds}")
+        refine(model, tok, seeds, harmful, cfg.rounds, gen, seed, log=report_round)
+        self_check(harmful, cfg.judge_threshold, cfg.judge_margin)  # judge_threshold: as calibrated
+        rule = SpanRule(cfg.span_method, cfg.contrast_rule, cfg.contrast_margin, cfg.contrast_top, cfg.contrast_floor)
+        find_spans(model, tok, seeds, harmful, rule, gen, seed)
+    return records
 
 
 # Relative cost of the stages of a chunk, for the ETA (measured on the default model: a
 # refinement round, with its two critiques, two revisions and two judgements, costs about
-# three times the dual responses or the self-check and spans).
-STAGE_COST = {"responses": 1.0, "round": 3.0, "spans": 1.0}
+# three times the dual responses or the self-check and spans; the anchor's questions and
+# answers about as much as the dual responses).
+STAGE_COST = {"responses": 1.0, "round": 3.0, "spans": 1.0, "anchor": 1.0}
 
 
 def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
@@ -601,25 +711,25 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     gen = GenSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
     dataset = DatasetFile(cfg.out, settings_of(cfg))
     eprint(
-        f"PT-ALIGN generate: {seeds.count()} seed annotations, {cfg.questions} questions, {cfg.rounds} rounds -> "
-        f"{dataset.path}" + (f" (resuming: {len(dataset.done)} done)" if dataset.done else "")
+        f"PT-ALIGN generate: {seeds.count()} seed annotations, {cfg.questions} questions, {cfg.rounds} rounds, "
+        f"{cfg.anchors} anchor questions -> {dataset.path}"
+        + (f" (resuming: {len(dataset.done)} done)" if dataset.done else "")
     )
-    if len(dataset.done) >= cfg.questions:
+    if len(dataset.done) >= cfg.questions + cfg.anchors:
         # Finished before: nothing to recompute (the settings were checked above).
         return report_summary(summarize(list(dataset.done.values())), dataset.path)
     t_start = time.perf_counter()
+    if cfg.judge_calibration:
+        cfg = replace(cfg, judge_threshold=calibrate_judge(model, tok, seeds, gen.batch_size))
+        eprint(f"  self-check threshold, calibrated on the {len(seeds.exemplars)} exemplars: {cfg.judge_threshold}")
     questions, qstats = generate_questions(
         model, tok, seeds, cfg.questions, gen, cfg.seed, cfg.dedup_threshold, log=eprint
     )
-    todo = dataset.pending(questions, cfg.batch_size)
-    per_chunk = STAGE_COST["responses"] + cfg.rounds * STAGE_COST["round"] + STAGE_COST["spans"]
-    meter = Meter(len(todo) * per_chunk, len(questions), gen.tally, len(dataset.records(questions)))
-    for start, chunk in todo:
-        name = f"chunk {start // cfg.batch_size + 1}/{math.ceil(len(questions) / cfg.batch_size)}"
-        step = lambda stage, label, n=0, name=name: eprint(meter.step(f"{name}: {label}", STAGE_COST[stage], n))
-        written = dataset.append(method_on_chunk(model, tok, seeds, cfg, gen, chunk, start, step))
-        step("spans", "self-check, spans", written)
-    summary = summarize(dataset.records(questions), qstats)
+    anchors, astats = [], {}
+    if cfg.anchors:
+        anchors, astats = generate_benign_questions(model, tok, seeds, cfg.anchors, gen, cfg.seed, cfg.dedup_threshold)
+    write_chunks(model, tok, seeds, cfg, gen, dataset, questions, anchors)
+    summary = summarize(dataset.records(questions + anchors), qstats, astats)
     summary.update(
         seconds=round(time.perf_counter() - t_start, 1),
         generated_tokens=gen.tally.tokens,
@@ -629,12 +739,33 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     return report_summary(summary, dataset.path)
 
 
+def write_chunks(model, tok, seeds, cfg: GenerateConfig, gen: GenSettings, dataset, questions, anchors) -> None:
+    """Run the method on every chunk of questions not yet written, then answer the anchor
+    questions, appending each chunk's records as it is done (the resume points)."""
+    todo = dataset.pending(questions, cfg.batch_size)
+    anchor_todo = dataset.pending(anchors, cfg.batch_size)
+    per_chunk = STAGE_COST["responses"] + cfg.rounds * STAGE_COST["round"] + STAGE_COST["spans"]
+    work = len(todo) * per_chunk + len(anchor_todo) * STAGE_COST["anchor"]
+    meter = Meter(work, len(questions) + len(anchors), gen.tally, len(dataset.records(questions + anchors)))
+    for start, chunk in todo:
+        name = f"chunk {start // cfg.batch_size + 1}/{math.ceil(len(questions) / cfg.batch_size)}"
+        step = lambda stage, label, n=0, name=name: eprint(meter.step(f"{name}: {label}", STAGE_COST[stage], n))
+        written = dataset.append(method_on_chunk(model, tok, seeds, cfg, gen, chunk, start, step))
+        step("spans", "self-check, spans", written)
+    for start, chunk in anchor_todo:
+        written = dataset.append(helpful_answers(model, tok, [dict(a) for a in chunk], gen, (cfg.seed, start)))
+        eprint(meter.step(f"anchor answers {start + len(chunk)}/{len(anchors)}", STAGE_COST["anchor"], written))
+
+
+# Fields that do not change what a dataset contains, or that its provenance records otherwise.
+NOT_PROVENANCE = ("out", "model", "device", "seeds")
+
+
 def settings_of(cfg: GenerateConfig) -> dict:
     """The settings a dataset records in its provenance: a run resumes a file only if they match."""
-    keys = ("seed", "questions", "rounds", "span_method", "contrast_margin", "judge_threshold", "judge_margin")
-    keys += ("positive_start", "dedup_threshold", "max_new_tokens", "temperature", "top_p", "batch_size")
     model = str(cfg.model or "default:SmolLM2-135M-Instruct")
-    return {"model": model, **{k: getattr(cfg, k) for k in keys}, "seeds_sha256": sha256(cfg.seeds)}
+    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_PROVENANCE}
+    return {"model": model, **settings, "seeds_sha256": sha256(cfg.seeds)}
 
 
 # -----------------------------------------------------------------------------

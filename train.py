@@ -32,7 +32,7 @@ import torch
 
 import evaluation
 import ptalign
-from data import DATA_DIR, Tokenizer, default_model_path
+from data import Tokenizer, default_model_path
 from data.dataset import IGNORE, DatasetError, batches, build_examples, load_records
 from data.default_model import DefaultModelError
 from data.files import append_jsonl, pyplot, read_jsonl, save_figure, sha256, write_json, write_jsonl
@@ -224,8 +224,8 @@ def spread(items: list, limit: int | None) -> list:
 
 def evaluate(model, tok, records, cfg: TrainConfig, run: dict, path: Path) -> dict:
     """The evaluation on the held-out prompt sets (an evenly spaced --eval-limit subset), written to `path`."""
-    harmful = spread(evaluation.load_prompts(DATA_DIR / "eval_harmful.jsonl"), cfg.eval_limit)
-    benign = spread(evaluation.load_prompts(DATA_DIR / "eval_benign.jsonl"), cfg.eval_limit)
+    harmful = spread(evaluation.load_prompts(cfg.eval_harmful), cfg.eval_limit)
+    benign = spread(evaluation.load_prompts(cfg.eval_benign), cfg.eval_limit)
     report = evaluation.evaluate(
         model, tok, harmful, benign, dataset=records, max_new_tokens=cfg.eval_max_new_tokens, log=log
     )
@@ -365,7 +365,13 @@ def dual_dataset(cfg: TrainConfig, out: Path, model_path, tok, load):
     with stage("dataset", f"dataset: generating {data_path}"):
         model = load(model_path)
         gen = ptalign.GenerateConfig(
-            out=str(data_path), questions=cfg.questions, rounds=cfg.rounds, seed=cfg.seed, model=cfg.model
+            out=str(data_path),
+            model=cfg.model,
+            dtype=cfg.inference_dtype,
+            questions=cfg.questions,
+            rounds=cfg.rounds,
+            anchors=cfg.anchors,
+            seed=cfg.seed,
         )
         ptalign.run_generate(gen, model, tok)
         return load_records(data_path), data_path, model
@@ -373,7 +379,7 @@ def dual_dataset(cfg: TrainConfig, out: Path, model_path, tok, load):
 
 def training_examples(records, tok, cfg: TrainConfig, data_path: Path) -> list:
     """The records as training examples, cut to --max-len."""
-    examples, stats = build_examples(records, tok, cfg.max_len, cfg.loss)
+    examples, stats = build_examples(records, tok, cfg.max_len, cfg.loss, cfg.anchor)
     log(
         f"dataset {data_path}: {len(records)} records -> {len(examples)} examples ({stats['dropped_long_prompt']} "
         f"dropped: prompt longer than --max-len, {stats['truncated']} truncated)"
@@ -393,13 +399,14 @@ def run(cfg: TrainConfig) -> dict:
     model_path = Path(cfg.model) if cfg.model else default_model_path()
     tok = Tokenizer.from_pretrained(model_path)
     device = torch.device(cfg.device)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    dtype = getattr(torch, cfg.inference_dtype)
     load = lambda path: Transformer.from_pretrained(path, dtype=dtype, device=device)  # for inference
     records, data_path, model = dual_dataset(cfg, out, model_path, tok, load)
 
     reports, before = {}, out / "eval_before.json"
     eval_run = {"model": str(model_path), "data_sha256": sha256(data_path)}
     eval_run |= {"eval_limit": cfg.eval_limit, "eval_max_new_tokens": cfg.eval_max_new_tokens}
+    eval_run |= {"dtype": cfg.inference_dtype, "harmful": cfg.eval_harmful, "benign": cfg.eval_benign}
     if not cfg.skip_eval and (report := earlier_report(before, eval_run)):
         reports["before"] = report
         log(f"evaluation before: reusing {before}")

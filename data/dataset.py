@@ -248,6 +248,22 @@ def spans_to_token_mask(offsets, spans) -> list[bool]:
 # Records -> examples
 
 
+def check_keys(path, n: int, record: dict, keys) -> None:
+    for key, kind in keys:
+        if not isinstance(record.get(key), kind):
+            raise DatasetError(f"{path}:{n}: key {key!r} is missing or not a {kind.__name__}.")
+
+
+def check_spans(path, n: int, record: dict) -> None:
+    """A dual record's spans: at least one, each [start, end) of integers inside the toxic response."""
+    if not record["spans"]:
+        raise DatasetError(f"{path}:{n}: record has no harmful spans; the toxic side would train nothing.")
+    for s in record["spans"]:
+        ok = isinstance(s, list) and len(s) == 2 and all(type(x) is int for x in s)
+        if not (ok and 0 <= s[0] < s[1] <= len(record["toxic"])):
+            raise DatasetError(f"{path}:{n}: span {s!r} is not [start, end) inside the toxic response.")
+
+
 def load_records(path) -> list[dict]:
     """Kept records of a dual-dataset JSONL file, each checked for the keys training needs."""
     path = Path(path)
@@ -255,14 +271,11 @@ def load_records(path) -> list[dict]:
     for n, r in read_jsonl(path, DatasetError, "dataset"):
         if r.get("kept") is False:
             continue  # dropped by the pipeline's self-check; kept in the file for resuming and reading
-        for key, kind in (("question", str), ("positive", str), ("toxic", str), ("spans", list)):
-            if not isinstance(r.get(key), kind):
-                raise DatasetError(f"{path}:{n}: key {key!r} is missing or not a {kind.__name__}.")
-        if not r["spans"]:
-            raise DatasetError(f"{path}:{n}: record has no harmful spans; the toxic side would train nothing.")
-        for s in r["spans"]:
-            if not (isinstance(s, list) and len(s) == 2 and 0 <= s[0] < s[1] <= len(r["toxic"])):
-                raise DatasetError(f"{path}:{n}: span {s!r} is not [start, end) inside the toxic response.")
+        if r.get("kind") == "anchor":  # the helpfulness anchor: a question and an answer, MLE only
+            check_keys(path, n, r, (("question", str), ("positive", str)))
+        else:
+            check_keys(path, n, r, (("question", str), ("positive", str), ("toxic", str), ("spans", list)))
+            check_spans(path, n, r)
         records.append(r)
     if not records:
         raise DatasetError(f"{path}: dataset has no usable (kept) record.")
@@ -329,8 +342,11 @@ def encode_example(tokenizer, question: str, response: str, spans=None, max_len:
     return Example(ids, targets, ut, truncated)
 
 
-def build_examples(records, tokenizer, max_len: int, loss: str = "both"):
+def build_examples(records, tokenizer, max_len: int, loss: str = "both", anchor: bool = True):
     """Two examples per record (positive MLE, toxic UT), or one side only for --loss mle / ut.
+
+    An anchor record (kind "anchor": the model's own answer to a harmless question) gives one
+    MLE example, never an unlikelihood one; anchor=False (or --loss ut) leaves anchor records out.
 
     Returns (examples, stats) where stats counts what was dropped or truncated, for the summary.
     An example left with no target by truncation (harmful spans all past max_len) trains
@@ -338,10 +354,13 @@ def build_examples(records, tokenizer, max_len: int, loss: str = "both"):
     """
     examples, stats = [], {"dropped_long_prompt": 0, "truncated": 0}
     for r in records:
+        is_anchor = r.get("kind") == "anchor"
+        if is_anchor and (not anchor or loss == "ut"):  # --loss ut is unlikelihood alone
+            continue
         sides = []
-        if loss in ("mle", "both"):
+        if loss in ("mle", "both") or is_anchor:
             sides.append((r["positive"], None))
-        if loss in ("ut", "both"):
+        if loss in ("ut", "both") and not is_anchor:
             sides.append((r["toxic"], r["spans"]))
         for response, spans in sides:
             ex = encode_example(tokenizer, r["question"], response, spans, max_len)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data import DATA_DIR
@@ -34,15 +34,19 @@ class Seeds:
     principles: list[str]
     toxic_traits: list[str]
     exemplars: list[dict]  # {"category", "question", "positive", "toxic", "harmful_phrases"}
+    # Harmless questions, several of which only sound dangerous: they seed the helpfulness
+    # anchor and show the request judge what must not be refused (this project's addition).
+    benign_examples: list[str] = field(default_factory=list)
 
     def count(self) -> int:
-        """Human annotations: each category, example, principle, trait and exemplar is one."""
+        """Human annotations: each category, example, principle, trait, exemplar and benign example is one."""
         return (
             len(self.categories)
             + sum(len(c["examples"]) for c in self.categories)
             + len(self.principles)
             + len(self.toxic_traits)
             + len(self.exemplars)
+            + len(self.benign_examples)
         )
 
 
@@ -67,7 +71,10 @@ def load_seeds(path=DATA_DIR / "seeds.json") -> Seeds:
         for key in ("question", "positive", "toxic"):
             if not isinstance(e, dict) or not isinstance(e.get(key), str) or not e[key]:
                 raise PipelineError(f"{path}: exemplars[{i}] needs a non-empty {key!r}.")
-    seeds = Seeds(raw["categories"], raw["principles"], raw["toxic_traits"], raw["exemplars"])
+    benign = raw.get("benign_examples", [])
+    if not isinstance(benign, list) or not all(isinstance(q, str) and q.strip() for q in benign):
+        raise PipelineError(f"{path}: 'benign_examples' must be a list of non-empty questions.")
+    seeds = Seeds(raw["categories"], raw["principles"], raw["toxic_traits"], raw["exemplars"], benign)
     if seeds.count() >= 50:
         raise PipelineError(f"{path}: {seeds.count()} annotations; the method starts from fewer than 50.")
     return seeds
@@ -134,6 +141,21 @@ Question: {question}
 Response: {response}"""
 
 
+# The request judge: whether a question itself should be refused, asked before its positive is
+# made a refusal. Phrased as "should an assistant refuse" rather than "is it harmful": on the
+# dev split the default model separates harmful from harmless requests better this way
+# (AUC 0.73 against 0.52 with the seed examples as solved cases).
+REQUEST_JUDGE_PROMPT = """Should an AI assistant refuse this request because answering it could help someone cause harm?
+
+Request: {question}
+
+Answer with Yes or No."""
+
+# The helpfulness anchor's questions (this project's addition): the benign seed examples as a
+# numbered list for the model to continue, as for the red-team questions.
+BENIGN_QUESTION_PROMPT = """List questions that ordinary people ask an AI assistant. Many of them use words that only sound alarming, like killing a process, shooting a photo, a villain in a story or a battle in history. Each question is one sentence."""
+
+
 def bullets(items) -> str:
     """Seed items as a bulleted list, the way the prompts show principles and traits."""
     return "\n".join(f"- {x}" for x in items)
@@ -146,6 +168,12 @@ def question_prompt(category: dict) -> tuple[str, str]:
     )
     examples = "\n".join(f"{i + 1}. {q}" for i, q in enumerate(category["examples"]))
     return prompt, QUESTION_REPLY_START.format(examples=examples, next=len(category["examples"]) + 1)
+
+
+def benign_question_prompt(examples: list[str]) -> tuple[str, str]:
+    """The anchor's instruction, and the start of the reply: the benign examples as a numbered list."""
+    listed = "\n".join(f"{i + 1}. {q}" for i, q in enumerate(examples))
+    return BENIGN_QUESTION_PROMPT, QUESTION_REPLY_START.format(examples=listed, next=len(examples) + 1)
 
 
 def system_prompts(seeds: Seeds) -> dict[str, str]:

@@ -89,31 +89,70 @@ class Meter:
         )
 
 
-def summarize(records, qstats=None) -> dict:
-    """Kept and dropped counts per reason, and how much of each kept toxic response is marked."""
+def summarize(records, qstats=None, astats=None) -> dict:
+    """The yield funnel of a dataset: how many questions reach each stage, and why the others stopped.
+
+    questions -> judged harmful (the request gate) -> dual responses -> each refinement round's
+    take rate -> self-check -> harmful spans -> kept; and for the anchor: questions -> answers kept.
+    """
+    dual = [r for r in records if r.get("kind") != "anchor"]
+    anchors = [r for r in records if r.get("kind") == "anchor"]
+    responded = [r for r in dual if "rounds" in r]
     dropped = {}
     for r in records:
         if not r.get("kept"):
             dropped[r.get("dropped", "?")] = dropped.get(r.get("dropped", "?"), 0) + 1
-    kept = [r for r in records if r.get("kept")]
+    kept = [r for r in dual if r.get("kept")]
     coverage = [sum(e - s for s, e in r["spans"]) / max(1, sum(e - s for s, e in word_spans(r["toxic"]))) for r in kept]
+    qstats, astats = qstats or {}, astats or {}
     return {
-        "questions": len(records),
+        "questions": len(dual),
         "kept": len(kept),
         "dropped": dropped,
-        "question_candidates": (qstats or {}).get("candidates"),
-        "question_malformed": (qstats or {}).get("malformed"),
-        "question_duplicates": (qstats or {}).get("duplicate"),
+        "question_candidates": qstats.get("candidates"),
+        "question_malformed": qstats.get("malformed"),
+        "question_duplicates": qstats.get("duplicate"),
+        "judged_harmful": len(responded),
+        "round_take_rates": take_rates(responded),
+        "passed_self_check": sum(r.get("kept") or r.get("dropped") == "no harmful span found" for r in responded),
         "mean_span_coverage": sum(coverage) / len(coverage) if coverage else 0.0,
+        "anchor_candidates": astats.get("candidates"),
+        "anchor_questions": len(anchors),
+        "anchor_kept": sum(bool(r.get("kept")) for r in anchors),
     }
 
 
+def take_rates(records) -> list[dict]:
+    """For each refinement round, the share of positive and of toxic revisions that were taken."""
+    rounds = min((len(r["rounds"]) for r in records), default=1) - 1
+    rates = []
+    for k in range(1, rounds + 1):
+        entries = [r["rounds"][k] for r in records]
+        rates.append(
+            {
+                side: sum(e[side] == e[f"revision_{side}"] for e in entries) / len(entries)
+                for side in ("positive", "toxic")
+            }
+        )
+    return rates
+
+
 def format_summary(s: dict) -> str:
+    """The funnel as a few lines of text, for the end of a run."""
     drops = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "none"
+    rounds = ", ".join(
+        f"round {k + 1}: {r['positive']:.0%} positive / {r['toxic']:.0%} toxic revisions taken"
+        for k, r in enumerate(s.get("round_take_rates", []))
+    )
     text = (
         f"questions: {s['question_candidates']} candidates, {s['question_malformed']} malformed, "
         f"{s['question_duplicates']} near-duplicates, {s['questions']} kept\n"
-        f"records: {s['kept']} kept, dropped: {drops}\n"
+        f"funnel: {s['questions']} questions -> {s.get('judged_harmful', '?')} judged harmful (dual responses)"
+        f" -> {s.get('passed_self_check', '?')} pass the self-check -> {s['kept']} with harmful spans, kept\n"
+        + (f"refinement: {rounds}\n" if rounds else "")
+        + f"anchor: {s.get('anchor_questions', 0)} questions ({s.get('anchor_candidates')} candidates) -> "
+        f"{s.get('anchor_kept', 0)} answers kept\n"
+        f"dropped: {drops}\n"
         f"mean span coverage of content characters in kept toxic responses: {s['mean_span_coverage']:.1%}"
     )
     if "seconds" in s:
@@ -142,11 +181,13 @@ def show(path, limit: int | None = None, color: bool | None = None) -> str:
     on, off = ("\033[1;31m", "\033[0m") if color else ("[[", "]]")
     out = []
     for r in [r for _, r in read_jsonl(path, PipelineError, "dataset")][:limit]:
-        toxic, last = "", 0
+        toxic, last, text = "", 0, r.get("toxic") or ""
         for s, e in r.get("spans", []):
-            toxic += r["toxic"][last:s] + on + r["toxic"][s:e] + off
+            toxic += text[last:s] + on + text[s:e] + off
             last = e
-        toxic += r["toxic"][last:]
+        toxic += text[last:]
         status = "kept" if r.get("kept") else f"dropped ({r.get('dropped')})"
-        out.append(f"── {r['id']} [{r.get('category')}] {status}\nQ: {r['question']}\n+ {r['positive']}\n- {toxic}\n")
+        text = f"── {r['id']} [{r.get('category')}] {status}\nQ: {r['question']}\n"
+        text += (f"+ {r['positive']}\n" if r.get("positive") else "") + (f"- {toxic}\n" if toxic else "")
+        out.append(text)
     return "\n".join(out)

@@ -12,7 +12,7 @@ prompt prefill included:
 
 - batch 1: `generate_ids` on one prompt at a time, as `python generate.py` runs a prompt;
   only the first --batch1-prompts prompts, since it is the slow row;
-- pipeline: `ptalign.chat` over all --prompts prompts in batches of --batch-size, with the
+- pipeline: `generate.chat` over all --prompts prompts in batches of --batch-size, with the
   shared few-shot prefix prefilled once per batch, as `generate` runs them.
 """
 
@@ -62,7 +62,7 @@ def main():
     ptalign.chat(model, tok, convs, gen, 0, reply_starts=[start] * len(convs))
     rows = [
         ("batch 1 (generate_ids, one prompt at a time)", len(ids), n1, t1),
-        (f"pipeline (ptalign.chat, batch {args.batch_size})", len(convs), gen.tally.tokens, gen.tally.seconds),
+        (f"pipeline (generate.chat, batch {args.batch_size})", len(convs), gen.tally.tokens, gen.tally.seconds),
     ]
 
     print(

@@ -40,6 +40,7 @@ def count_seed_items(seeds):
         + len(seeds["principles"])
         + len(seeds["toxic_traits"])
         + len(seeds["exemplars"])
+        + len(seeds.get("benign_examples", []))
     )
 
 
@@ -58,7 +59,7 @@ def jaccard(a, b):
 
 def seed_questions(seeds):
     qs = [q for c in seeds["categories"] for q in c["examples"]]
-    return qs + [e["question"] for e in seeds["exemplars"]]
+    return qs + [e["question"] for e in seeds["exemplars"]] + seeds.get("benign_examples", [])
 
 
 def _nonempty_str(x):
@@ -88,7 +89,8 @@ def test_count_seed_items_counts_everything():
 
 def test_seed_schema():
     seeds = load_seeds()
-    assert set(seeds) == {"categories", "principles", "toxic_traits", "exemplars"}
+    assert set(seeds) == {"categories", "principles", "toxic_traits", "exemplars", "benign_examples"}
+    assert all(_nonempty_str(q) and len(q) <= MAX_PROMPT_CHARS for q in seeds["benign_examples"])
     names = [c["name"] for c in seeds["categories"]]
     assert len(names) == len(set(names)) and len(names) >= 5
     for c in seeds["categories"]:

@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 
+import generate
 import ptalign
 from data import Tokenizer, prompts
 from data.dataset import (
@@ -265,7 +266,7 @@ def test_generate_questions_on_the_default_model(default_model, default_tok):
     ],
 )
 def test_trim_to_sentence(text, expected):
-    assert ptalign.trim_to_sentence(text) == expected
+    assert generate.trim_to_sentence(text) == expected
 
 
 def test_chat_trims_only_cut_off_replies_and_counts_tokens(monkeypatch, default_model, default_tok):
@@ -277,7 +278,7 @@ def test_chat_trims_only_cut_off_replies_and_counts_tokens(monkeypatch, default_
     def generate_batched(model, ids, stop_ids, pad_id, *, batch_size, **kwargs):
         return [[cut, ended][i % batch_size] for i in range(len(ids))]  # each batch: cut, then ended
 
-    monkeypatch.setattr(ptalign, "generate_batched", generate_batched)
+    monkeypatch.setattr(generate, "generate_batched", generate_batched)
     gen = ptalign.GenSettings(max_new_tokens=len(cut), batch_size=2)
     convs = ["question one", "question two"]
     assert ptalign.chat(default_model, default_tok, convs, gen, 0, whole_sentences=True) == [
@@ -652,7 +653,7 @@ def question_from_reply(reply: str) -> str:
     return "Why would " + " ".join(f"w{(h >> (6 * i)) % 4099}" for i in range(5)) + "?"
 
 
-def generate_cli(model_dir, out, batch_size, rounds=1, **patches) -> str | None:
+def generate_cli(model_dir, out, batch_size, rounds=1, extra=(), **patches) -> str | None:
     """`python ptalign.py generate ...` through main(); returns the error it exits with, or None.
 
     A random model never writes a usable question, so clean_question is replaced by one that
@@ -674,7 +675,12 @@ def generate_cli(model_dir, out, batch_size, rounds=1, **patches) -> str | None:
         "16",
         "--batch-size",
         str(batch_size),
+        "--contrast-rule",
+        "margin",
         "--contrast-margin=-1e9",
+        "--span-method",
+        "both",
+        *(extra or ("--request-threshold", "0", "--anchors", "0")),
     ]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ptalign, "clean_question", question_from_reply)
@@ -766,6 +772,23 @@ def test_resume_refuses_an_incompatible_file(run_a, tiny_dir, tmp_path, damage, 
     assert b.read_bytes() == before
 
 
+def test_generate_with_request_gate_and_anchor(tiny_dir, tmp_path):
+    """With the gate and the anchor on, every question carries its gate score, gated ones are
+    dropped before any response, and the anchor's records follow the questions: MLE-only, in order."""
+    out = tmp_path / "g.jsonl"
+    err = generate_cli(tiny_dir, out, 2, extra=("--request-threshold", "0.5", "--anchors", "2"))
+    assert err is None or "no usable record" in err, err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    questions, anchors = records[:2], records[2:]
+    assert [r["id"] for r in questions] == ["q0000", "q0001"] and [r["id"] for r in anchors] == ["a0000", "a0001"]
+    for r in questions:
+        assert 0.0 <= r["request_harm"] <= 1.0
+        assert ("rounds" in r) == (r["request_harm"] >= 0.5)
+        assert r.get("dropped") == "question judged harmless" or r["request_harm"] >= 0.5
+    for r in anchors:
+        assert r["kind"] == "anchor" and r["spans"] == [] and r["toxic"] == "" and isinstance(r["positive"], str)
+
+
 # -----------------------------------------------------------------------------
 # show
 
@@ -842,3 +865,48 @@ def test_cli_bad_input_names_the_file(argv, tmp_path):
     with pytest.raises(SystemExit) as e:
         ptalign.main(argv)
     assert str(e.value.code).startswith(f"error: {bad}")
+
+
+# -----------------------------------------------------------------------------
+# Contrast scores -> spans: the rank rule and the absolute margin (issue 10)
+
+# Four content words of a response, strongest contrast first; the last one has no token of its own.
+SCORED = [([0, 4], 2.0), ([5, 9], 0.5), ([10, 14], 0.05), ([15, 19], float("-inf"))]
+
+
+@pytest.mark.parametrize(
+    "top, floor, expected",
+    [
+        (0.3, 0.1, [[0, 4]]),  # round(0.3 * 4) = 1 word
+        (0.01, 0.1, [[0, 4]]),  # a fraction that rounds to no word still keeps the strongest one
+        (0.5, 0.1, [[0, 4], [5, 9]]),
+        (1.0, 0.1, [[0, 4], [5, 9]]),  # every word ranked, the floor drops the weak one and -inf
+        (1.0, 0.0, [[0, 4], [5, 9], [10, 14]]),
+        (1.0, 3.0, []),  # nothing above the floor: no word, even with the rank rule
+    ],
+)
+def test_rank_spans(top, floor, expected):
+    """The strongest `top` fraction of a response's words (at least one), each above `floor` nats."""
+    assert ptalign.rank_spans(SCORED, top, floor) == expected
+
+
+def test_rank_spans_ranks_within_the_response():
+    """The order of the scored list does not matter, only the scores; weak responses still get their best word."""
+    weak = [([0, 4], 0.15), ([5, 9], 0.3), ([10, 14], 0.12)]
+    assert ptalign.rank_spans(weak, 0.3, 0.1) == [[5, 9]]
+    assert ptalign.margin_spans(weak, 1.0) == []
+
+
+@pytest.mark.parametrize(
+    "margin, expected",
+    [(1.0, [[0, 4]]), (0.5, [[0, 4]]), (0.25, [[0, 4], [5, 9]]), (-1.0, [[0, 4], [5, 9], [10, 14]])],
+)
+def test_margin_spans(margin, expected):
+    """Every word strictly above the margin, however many or few."""
+    assert ptalign.margin_spans(SCORED, margin) == expected
+
+
+def test_span_rule_picks_the_contrast_rule():
+    """SpanRule.contrast: rank by default, the absolute margin when asked."""
+    assert ptalign.SpanRule().contrast(SCORED) == ptalign.rank_spans(SCORED, 0.5, 0.0)
+    assert ptalign.SpanRule(contrast_rule="margin", margin=0.25).contrast(SCORED) == [[0, 4], [5, 9]]

@@ -369,7 +369,8 @@ def test_whole_run_generates_evaluates_and_reuses(tiny_dir, tmp_path, monkeypatc
     flags += ["--rounds", "1", "--seed", "5", "--max-steps", "1", "--eval-limit", "2", "--eval-max-new-tokens", "4"]
     reports = train.main(flags)
     out = str(tmp_path / "data.jsonl")
-    assert asked == [ptalign.GenerateConfig(out=out, questions=3, rounds=1, seed=5, model=str(tiny_dir))]
+    expected = dict(out=out, questions=3, rounds=1, seed=5, model=str(tiny_dir), dtype="bfloat16", anchors=48)
+    assert asked == [ptalign.GenerateConfig(**expected)]
     assert json.loads((tmp_path / "train_config.json").read_text()) == dataclasses.asdict(
         train_config.parse_args(flags)
     )
@@ -468,5 +469,14 @@ def test_fingerprint_is_the_training_settings(tmp_path):
     data.write_text("{}\n")
     fp = train_config.fingerprint(train_config.TrainConfig(), "m", data)
     training = "loss alpha epochs max_steps batch_size grad_accum lr warmup_steps weight_decay grad_clip max_len"
-    assert set(fp) == {*training.split(), "lora_rank", "lora_alpha", "seed", "precision", "model", "data_sha256"}
+    assert set(fp) == {
+        *training.split(),
+        "lora_rank",
+        "lora_alpha",
+        "seed",
+        "precision",
+        "anchor",
+        "model",
+        "data_sha256",
+    }
     assert fp["model"] == "m" and len(fp["data_sha256"]) == 16
