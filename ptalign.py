@@ -39,12 +39,11 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
-from data import DATA_DIR
-from data.cli import add_flags, option
+from data.cli import add_flags
 from data.dataset import locate, merge_spans, word_spans
-from data.files import sha256, words
+from data.files import words
 from data.prompts import (
     CRITIQUE_POSITIVE,
     CRITIQUE_POSITIVE_START,
@@ -59,13 +58,16 @@ from data.prompts import (
     Seeds,
     benign_question_prompt,
     bullets,
+    clean_question,
+    clean_revision,
     is_refusal,
     load_seeds,
     question_prompt,
+    rouge_l,
     system_prompts,
     talks_about_task,
 )
-from data.records import DatasetFile, Meter, report_summary, show, summarize
+from data.records import DatasetFile, GenerateConfig, Meter, report_summary, settings_of, show, summarize
 from generate import GenSettings, chat, load, response_logprobs, yes_probability
 
 
@@ -115,39 +117,6 @@ def calibrate_judge(model, tok, seeds: Seeds, batch_size: int = 8) -> float:
 
 # -----------------------------------------------------------------------------
 # 2. Red-team self-instruct
-
-
-def rouge_l(a: str, b: str) -> float:
-    """ROUGE-L F1 between two texts over lowercased words (longest common subsequence)."""
-    x, y = words(a), words(b)
-    if not x or not y:
-        return 0.0
-    prev = [0] * (len(y) + 1)
-    for xi in x:
-        cur = [0]
-        for j, yj in enumerate(y):
-            cur.append(prev[j] + 1 if xi == yj else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(y), lcs / len(x)
-    return 2 * p * r / (p + r)
-
-
-def clean_question(text: str) -> str | None:
-    """The question in a generated reply, or None when the reply is not a usable question."""
-    for line in text.strip().splitlines():
-        line = re.sub(r"^\s*(\d+[.)]|[-*•]|question\s*:|q\s*:)\s*", "", line.strip(), flags=re.I)
-        line = line.strip().strip("\"'“”").strip()
-        if line:
-            break
-    else:
-        return None
-    n = len(line.split())
-    if not 4 <= n <= 40 or not line.endswith(("?", ".")) or line.lower().startswith(("sure", "here", "i ")):
-        return None
-    return line
 
 
 def screen(replies: list[str], pool: list[str], dedup_threshold: float, stats: dict) -> list[str | None]:
@@ -341,14 +310,6 @@ def dual_responses(
 
 # -----------------------------------------------------------------------------
 # 4. Iterative refinement and the self-check
-
-
-def clean_revision(text: str) -> str:
-    """Drop a leading "Here is the revised response:" line that small models like to write."""
-    lines = text.strip().splitlines()
-    if len(lines) > 1 and lines[0].rstrip().endswith(":"):
-        lines = lines[1:]
-    return "\n".join(lines).strip()
 
 
 def keeps_refusal(current: str, revision: str) -> bool:
@@ -594,82 +555,6 @@ def find_spans(model, tok, seeds, records, rule: SpanRule, gen: GenSettings, see
 # The generate stage: all of the above, in fixed chunks of questions, appended to a JSONL file
 
 
-@dataclass
-class GenerateConfig:
-    """Every setting of the dataset stage: `ptalign.py generate` makes one flag per field, and
-    train.py builds one for its dataset stage."""
-
-    out: str = field(metadata=dict(help="output JSONL; an existing file is resumed (same flags needed)", required=True))
-    model: str | None = option(None, "checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
-    device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
-    dtype: str | None = option(
-        None, "weights dtype (default: bfloat16 on cuda, float32 on cpu)", choices=["float32", "bfloat16", "float16"]
-    )
-    seeds: str = option(str(DATA_DIR / "seeds.json"), "seed annotations JSON (default: data/seeds.json)")
-    questions: int = option(32, "harmful questions to generate")
-    rounds: int = option(2, "critique-and-revise rounds per sample")
-    seed: int = option(0, "random seed; same seed and flags, same dataset")
-    max_new_tokens: int = option(
-        64, "max tokens per generated response; a reply cut off there is trimmed to its last full sentence"
-    )
-    temperature: float = option(0.7, "sampling temperature for responses")
-    top_p: float = option(0.9, "nucleus sampling mass")
-    batch_size: int = option(
-        32, "prompts generated together (and, when generating, the chunk of records computed and written together)"
-    )
-    span_method: str = option(
-        "contrast",
-        "how harmful words are found: the model quotes them, log-prob contrast between the harmful and harmless "
-        "instruction, or the union of both (the 135M default model quoted no word of the span set: "
-        "`ptalign.py spans`)",
-        choices=["quote", "contrast", "both"],
-    )
-    positive_start: str = option(
-        POSITIVE_REPLY_START,
-        "text every positive reply starts with, taken from the exemplars (default %(default)r; '' lets the model "
-        "write the whole reply)",
-    )
-    contrast_rule: str = option(
-        "rank",
-        "how contrast scores become harmful words: rank (the strongest --contrast-top fraction of each response's "
-        "content words above --contrast-floor) or margin (every word above --contrast-margin)",
-        choices=["rank", "margin"],
-    )
-    contrast_top: float = option(
-        0.5,
-        "rank rule: fraction of a response's content words marked (at least one); chosen on the span set's dev half",
-    )
-    contrast_floor: float = option(
-        0.0, "rank rule: nats a marked word's contrast must exceed (0: likelier under the harmful instruction at all)"
-    )
-    contrast_margin: float = option(
-        1.0, "margin rule: nats by which a token's log-prob under the harmful instruction must beat the harmless one"
-    )
-    judge_threshold: float = option(
-        0.5, "self-check: P(harmful) from the model-as-judge that separates harmful from harmless"
-    )
-    judge_calibration: bool = option(
-        True,
-        "self-check: set --judge-threshold from the seed exemplars (the midpoint of the judge's mean score of their "
-        "positive and their toxic responses); --no-judge-calibration uses --judge-threshold as given",
-        action=argparse.BooleanOptionalAction,
-    )
-    judge_margin: float = option(
-        0.0, "self-check: the toxic sample's P(harmful) must exceed the positive's by more than this"
-    )
-    dedup_threshold: float = option(0.7, "drop a new question whose ROUGE-L with any kept one exceeds this")
-    request_threshold: float = option(
-        0.5,
-        "request gate: a question whose P(should refuse) from the request judge is below this is dropped before "
-        "its refusal is written (chosen on the dev split; 0 turns the gate off)",
-    )
-    anchors: int = option(
-        48,
-        "helpfulness anchor: harmless questions self-instructed from the benign seed examples, answered by the "
-        "model itself, as MLE-only records (this project's addition; 0 turns it off)",
-    )
-
-
 def method_on_chunk(model, tok, seeds: Seeds, cfg: GenerateConfig, gen: GenSettings, questions, start, progress):
     """The method on one chunk of questions: the request gate, dual responses, refinement,
     self-check, spans.
@@ -755,17 +640,6 @@ def write_chunks(model, tok, seeds, cfg: GenerateConfig, gen: GenSettings, datas
     for start, chunk in anchor_todo:
         written = dataset.append(helpful_answers(model, tok, [dict(a) for a in chunk], gen, (cfg.seed, start)))
         eprint(meter.step(f"anchor answers {start + len(chunk)}/{len(anchors)}", STAGE_COST["anchor"], written))
-
-
-# Fields that do not change what a dataset contains, or that its provenance records otherwise.
-NOT_PROVENANCE = ("out", "model", "device", "seeds")
-
-
-def settings_of(cfg: GenerateConfig) -> dict:
-    """The settings a dataset records in its provenance: a run resumes a file only if they match."""
-    model = str(cfg.model or "default:SmolLM2-135M-Instruct")
-    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_PROVENANCE}
-    return {"model": model, **settings, "seeds_sha256": sha256(cfg.seeds)}
 
 
 # -----------------------------------------------------------------------------

@@ -364,15 +364,8 @@ def dual_dataset(cfg: TrainConfig, out: Path, model_path, tok, load):
     data_path = out / "data.jsonl"
     with stage("dataset", f"dataset: generating {data_path}"):
         model = load(model_path)
-        gen = ptalign.GenerateConfig(
-            out=str(data_path),
-            model=cfg.model,
-            dtype=cfg.inference_dtype,
-            questions=cfg.questions,
-            rounds=cfg.rounds,
-            anchors=cfg.anchors,
-            seed=cfg.seed,
-        )
+        same = {k: getattr(cfg, k) for k in ("model", "questions", "rounds", "anchors", "seed")}
+        gen = ptalign.GenerateConfig(out=str(data_path), dtype=cfg.inference_dtype, **same)
         ptalign.run_generate(gen, model, tok)
         return load_records(data_path), data_path, model
 

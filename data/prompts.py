@@ -275,3 +275,44 @@ def is_refusal(reply: str) -> bool:
         return False
     first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
     return text.startswith(REFUSAL_PREFIXES) or any(p in first for p in REFUSAL_PHRASES)
+
+
+def rouge_l(a: str, b: str) -> float:
+    """ROUGE-L F1 between two texts over lowercased words (longest common subsequence)."""
+    x, y = words(a), words(b)
+    if not x or not y:
+        return 0.0
+    prev = [0] * (len(y) + 1)
+    for xi in x:
+        cur = [0]
+        for j, yj in enumerate(y):
+            cur.append(prev[j] + 1 if xi == yj else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(y), lcs / len(x)
+    return 2 * p * r / (p + r)
+
+
+def clean_question(text: str) -> str | None:
+    """The question in a generated reply, or None when the reply is not a usable question."""
+    for line in text.strip().splitlines():
+        line = re.sub(r"^\s*(\d+[.)]|[-*•]|question\s*:|q\s*:)\s*", "", line.strip(), flags=re.I)
+        line = line.strip().strip("\"'“”").strip()
+        if line:
+            break
+    else:
+        return None
+    n = len(line.split())
+    if not 4 <= n <= 40 or not line.endswith(("?", ".")) or line.lower().startswith(("sure", "here", "i ")):
+        return None
+    return line
+
+
+def clean_revision(text: str) -> str:
+    """Drop a leading "Here is the revised response:" line that small models like to write."""
+    lines = text.strip().splitlines()
+    if len(lines) > 1 and lines[0].rstrip().endswith(":"):
+        lines = lines[1:]
+    return "\n".join(lines).strip()
