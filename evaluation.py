@@ -31,19 +31,8 @@ from data import DATA_DIR
 from data.dataset import locate, merge_spans, spans_to_token_mask, word_spans
 from data.files import pyplot, read_jsonl, save_figure, write_json
 from data.prompts import REFUSAL_PHRASES, REFUSAL_PREFIXES, PipelineError, is_refusal, load_seeds
-from generate import load
-from ptalign import (
-    GenSettings,
-    SpanRule,
-    chat,
-    contrast_scores,
-    eprint,
-    judge_harm,
-    margin_spans,
-    quote_spans,
-    rank_spans,
-    response_logprobs,
-)
+from generate import GenSettings, chat, load, response_logprobs
+from ptalign import SpanRule, contrast_scores, eprint, judge_harm, margin_spans, quote_spans, rank_spans
 
 __all__ = [
     "MAIN_METRICS",

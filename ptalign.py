@@ -66,6 +66,7 @@ from data.prompts import (
     rouge_l,
     system_prompts,
     talks_about_task,
+    unusable,
 )
 from data.records import DatasetFile, GenerateConfig, Meter, report_summary, settings_of, show, summarize
 from generate import GenSettings, chat, load, response_logprobs, yes_probability
@@ -262,19 +263,13 @@ def helpful_answers(model, tok, records, gen: GenSettings, seed) -> list[dict]:
     Sampled at temperature 1 with no nucleus cut: MLE on unbiased samples of the model's own
     answers pulls towards its own distribution (in expectation it is a KL(p_before || p) term),
     whereas greedy answers would sharpen it, which lowered the likelihood of good benign
-    answers on the dev split (-0.80 nats/token against -0.12; README).
+    answers on the dev split (-0.80 nats/token against -0.14; README).
     """
     unbiased = replace(gen, temperature=1.0, top_p=1.0)
     answers = chat(model, tok, [r["question"] for r in records], unbiased, (seed, "answer"), whole_sentences=True)
     for r, a in zip(records, answers):
         r.update(kind="anchor", positive=a, toxic="", spans=[], kept=True)
-        reason = None
-        if len(words(a)) < 3:
-            reason = "empty response"
-        elif is_refusal(a):
-            reason = "answer refuses"
-        elif talks_about_task(a):
-            reason = "talks about the task instead of answering"
+        reason = unusable(a) or ("answer refuses" if is_refusal(a) else None)
         if reason:
             r["kept"], r["dropped"] = False, reason
     return records
@@ -338,9 +333,8 @@ class Side:
         """Whether a revision replaces the current text: it answers (three words or more, not
         about the task), the judge moved the right way, and the side's own rule holds."""
         return (
-            len(words(revision)) >= 3
+            unusable(revision) is None
             and self.better(harm, current[f"{self.name}_harm"])
-            and not talks_about_task(revision)
             and self.allowed(current[self.name], revision)
         )
 

@@ -211,6 +211,15 @@ def talks_about_task(text: str) -> bool:
     return any(w in META_WORDS for w in words(text))
 
 
+def unusable(reply: str) -> str | None:
+    """Why a reply can never be training text (it is empty, or it talks about the task), or None."""
+    if len(words(reply)) < 3:
+        return "empty response"
+    if talks_about_task(reply):
+        return "talks about the task instead of answering"
+    return None
+
+
 # A reply is a refusal when it *starts* with one of these (after quotes and whitespace),
 # or its first sentence contains one of REFUSAL_PHRASES: the string-match rule used by
 # public over-refusal benchmarks (XSTest, AdvBench's prefix list), kept deliberately
