@@ -20,7 +20,6 @@ way before and after training (greedy replies, fixed length):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -28,8 +27,9 @@ from functools import partial
 from pathlib import Path
 
 from data import DATA_DIR
+from data.cli import POSITIVE
 from data.dataset import locate, merge_spans, spans_to_token_mask, word_spans
-from data.files import pyplot, read_jsonl, save_figure, write_json
+from data.files import pyplot, read_json, read_jsonl, save_figure, write_json
 from data.prompts import REFUSAL_PHRASES, REFUSAL_PREFIXES, PipelineError, is_refusal, load_seeds
 from generate import GenSettings, chat, load, response_logprobs
 from ptalign import SpanRule, contrast_scores, eprint, judge_harm, margin_spans, quote_spans, rank_spans
@@ -233,14 +233,7 @@ def compare(before, after, png=None) -> dict[str, dict]:
     the whole path when the stems are the same)."""
     files = (before, after)
     names = [Path(f).stem for f in files] if Path(before).stem != Path(after).stem else list(files)
-    reports = {}
-    for name, f in zip(names, files):
-        if not Path(f).is_file():
-            raise PipelineError(f"{f}: report file does not exist.")
-        try:
-            reports[name] = json.loads(Path(f).read_text())
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"{f}: not valid JSON ({e.msg}).") from None
+    reports = {name: read_json(f, PipelineError, "report") for name, f in zip(names, files)}
     print(report_table(reports))
     if png:
         bar_chart(reports, png)
@@ -434,8 +427,10 @@ def add_commands(sub, model_flags) -> None:
     e.add_argument("--harmful", default=str(DATA_DIR / "eval_harmful.jsonl"), help="harmful prompts JSONL")
     e.add_argument("--benign", default=str(DATA_DIR / "eval_benign.jsonl"), help="benign prompts JSONL")
     e.add_argument("--dataset", help="a dual dataset JSONL: adds the likelihood margin and masked-token p")
-    e.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each set")
-    e.add_argument("--max-new-tokens", type=int, default=64, help="reply length for the refusal rules (default 64)")
+    e.add_argument("--limit", type=POSITIVE, default=None, help="use only the first N prompts of each set")
+    e.add_argument(
+        "--max-new-tokens", type=POSITIVE, default=64, help="reply length for the refusal rules (default 64)"
+    )
     e.add_argument("--out", help="write the report as JSON here")
     e.add_argument("--png", help="write a bar chart of the main rates here")
 

@@ -6,26 +6,35 @@ prompt batch once and fills the cache (a prefix the prompts share, once for all 
 Rows stop independently on any of the checkpoint's stop ids; the batch ends when every
 row has stopped or `max_new_tokens` is reached. `generate_batched` runs any number of
 prompts as such batches. Scoring (`token_logprobs`, `next_token_logprobs`) is the same
-prefill without decoding. `chat` is the front end the pipeline uses: many conversations,
-each batch with a seed of its own, tokens and seconds tallied.
+prefill without decoding. A prompt the model's context cannot hold is refused, naming
+both lengths. `chat` is the front end the pipeline uses: many conversations, each batch
+with a seed of its own, tokens and seconds tallied; with `yes_probability` and
+`response_logprobs` it saves each batch as it finishes while a run keeps a journal.
 
     python generate.py --prompt "What is the capital of France?"
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from data.files import stable_seed
+from data.cli import FRACTION, NON_NEGATIVE, POSITIVE, Parser
+from data.errors import UserError, fail_point, one_line_errors
+from data.files import Journal, content_hash, stable_seed
 from model import KVCache, Transformer
+
+
+class PromptTooLongError(UserError):
+    """A prompt longer than the model's context."""
 
 
 def sample(logits, temperature: float, top_p: float, generator=None):
@@ -69,6 +78,19 @@ def shared_prefix_len(prompt_ids: list[list[int]], min_len: int = 16) -> int:
     return n if n >= min_len else 0
 
 
+def context_room(model: Transformer, prompt_ids: list[list[int]], reply: bool) -> int:
+    """Tokens of the model's context left after the longest prompt. A prompt the context cannot
+    hold (with one token of reply, when generating) is refused with both lengths named: past its
+    trained positions a model writes nothing useful, however long it is given."""
+    longest, context = max(map(len, prompt_ids)), model.config.max_seq_len
+    if longest + reply > context:
+        raise PromptTooLongError(
+            f"a prompt of {longest} tokens does not fit the model's context of {context} tokens "
+            f"(max_position_embeddings){' with room for a reply' if reply else ''}; shorten it."
+        )
+    return context - longest
+
+
 class Prefilled(NamedTuple):
     """A batch of prompts after prefill: the cache holds them, ready for decoding."""
 
@@ -87,6 +109,7 @@ def prefill(model: Transformer, prompt_ids: list[list[int]], pad_id: int, decode
     per-row positions and mask already allow.
     """
     device = model.embed_tokens.weight.device
+    context_room(model, prompt_ids, reply=decode_slots > 0)
     P = shared_prefix_len(prompt_ids)
     tokens, valid = left_pad([p[P:] for p in prompt_ids], pad_id, device)
     cache = model.new_cache(len(prompt_ids), P + tokens.shape[1] + decode_slots)
@@ -129,6 +152,7 @@ def generate_ids(
     on_token(row, token_id) is called as each token is accepted, for streaming.
     """
     device = model.embed_tokens.weight.device
+    max_new_tokens = min(max_new_tokens, context_room(model, prompt_ids, reply=True))  # stop where the context ends
     cache, _, _, h = prefill(model, prompt_ids, pad_id, decode_slots=max_new_tokens)
     B = len(prompt_ids)
     stop = torch.tensor(sorted(set(stop_ids)), device=device)
@@ -305,6 +329,41 @@ class GenSettings:
     tally: Tally = field(default_factory=Tally, repr=False, compare=False)
 
 
+# The journal of the run in progress, if it keeps one (`ptalign.py generate` does): every batch
+# that chat, yes_probability and response_logprobs compute is saved in it as it finishes, and
+# a batch an interrupted run saved is read back instead of computed again. A batch's samples
+# depend only on its own seed and prompts (its key), so a resumed run ends exactly as an
+# uninterrupted one, having lost at most the batch that was running.
+JOURNAL: ContextVar[Journal | None] = ContextVar("journal", default=None)
+
+
+@contextmanager
+def journaled(journal: Journal):
+    """Keep `journal` for the batches computed inside this block."""
+    token = JOURNAL.set(journal)
+    try:
+        yield journal
+    finally:
+        JOURNAL.reset(token)
+
+
+def in_batches(items: list, batch_size: int, compute, *key) -> list:
+    """compute(batch, start) for each batch of items, the results (JSON lists) concatenated; under a
+    journal each batch's result is saved as it finishes, or read back if an earlier run saved it."""
+    journal, out = JOURNAL.get(), []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        name = content_hash(*key, start, batch) if journal else None
+        result = journal.get(name) if journal else None
+        if result is None:
+            result = compute(batch, start)
+            if journal:
+                journal.put(name, result)
+                fail_point(f"batch {journal.written}")
+        out += result
+    return out
+
+
 def trim_to_sentence(text: str) -> str:
     """Cut text back to the end of its last complete sentence, if it has one.
 
@@ -330,20 +389,27 @@ def chat(
     if reply_starts is not None:
         ids = [i + tok.encode(s) for i, s in zip(ids, reply_starts)]
     device = model.embed_tokens.weight.device
-    t0 = time.perf_counter()
-    new = generate_batched(
-        model,
-        ids,
-        tok.stop_ids,
-        tok.pad_id,
-        batch_size=gen.batch_size,
-        max_new_tokens=gen.max_new_tokens,
-        temperature=0.0 if greedy else gen.temperature,
-        top_p=gen.top_p,
-        generator_for=lambda start: torch.Generator(device=device).manual_seed(stable_seed(seed, start)),
-    )
-    gen.tally.tokens += sum(map(len, new))
-    gen.tally.seconds += time.perf_counter() - t0
+    temperature = 0.0 if greedy else gen.temperature
+
+    def batch_replies(batch, start):
+        t0 = time.perf_counter()
+        new = generate_batched(
+            model,
+            batch,
+            tok.stop_ids,
+            tok.pad_id,
+            batch_size=gen.batch_size,
+            max_new_tokens=gen.max_new_tokens,
+            temperature=temperature,
+            top_p=gen.top_p,
+            generator_for=lambda _: torch.Generator(device=device).manual_seed(stable_seed(seed, start)),
+        )
+        gen.tally.tokens += sum(map(len, new))
+        gen.tally.seconds += time.perf_counter() - t0
+        return new
+
+    settings = (temperature, gen.top_p, gen.max_new_tokens)
+    new = in_batches(ids, gen.batch_size, batch_replies, "chat", seed, settings)
     replies = [tok.decode(n).strip() for n in new]
     if whole_sentences:  # a reply as long as max_new_tokens had no stop token: it was cut off
         replies = [trim_to_sentence(r) if len(n) == gen.max_new_tokens else r for r, n in zip(replies, new)]
@@ -357,9 +423,13 @@ def yes_probability(model, tok, prompts: list[str], batch_size: int = 8) -> list
     generates, gives a number for every sample, even from a small model.
     """
     seqs = [tok.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
-    logp = next_token_logprobs(model, seqs, batch_size)
     yes, no = tok.encode("Yes")[0], tok.encode("No")[0]
-    return torch.sigmoid(logp[:, yes] - logp[:, no]).tolist()
+
+    def batch_probs(batch, start):
+        logp = next_token_logprobs(model, batch, batch_size)
+        return torch.sigmoid(logp[:, yes] - logp[:, no]).tolist()
+
+    return in_batches(seqs, batch_size, batch_probs, "yes", yes, no)
 
 
 def response_logprobs(model, tok, conversations, responses: list[list[int]], batch_size: int = 8):
@@ -369,8 +439,9 @@ def response_logprobs(model, tok, conversations, responses: list[list[int]], bat
     two different instructions.
     """
     prompts = [tok.apply_chat_template(c) for c in conversations]
-    logp = token_logprobs(model, [p + r for p, r in zip(prompts, responses)], batch_size)
-    return [lp[len(p) - 1 :] for lp, p in zip(logp, prompts)]
+    score = lambda batch, start: [lp.tolist() for lp in token_logprobs(model, batch, batch_size)]
+    logp = in_batches([p + r for p, r in zip(prompts, responses)], batch_size, score, "logprobs")
+    return [torch.tensor(lp, dtype=torch.float32)[len(p) - 1 :] for lp, p in zip(logp, prompts)]
 
 
 # -----------------------------------------------------------------------------
@@ -418,8 +489,8 @@ def stream_reply(model, tokenizer, messages, args) -> str:
     return reply
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         description="Chat with a LLaMA-family checkpoint (default: the embedded "
         "SmolLM2-135M-Instruct). With --prompt, answer once; without, chat on stdin."
     )
@@ -435,16 +506,16 @@ def build_parser() -> argparse.ArgumentParser:
         "together, printed in order). Without it, an interactive chat reads stdin",
     )
     p.add_argument("--system", help="an optional system message put before each prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens (default 256)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=256, help="stop after this many new tokens (default 256)")
     p.add_argument(
         "--temperature",
-        type=float,
+        type=NON_NEGATIVE,
         default=0.0,
         help="0 for greedy decoding (default), else the softmax temperature for sampling",
     )
     p.add_argument(
         "--top-p",
-        type=float,
+        type=FRACTION,
         default=1.0,
         help="nucleus sampling: keep the smallest set of tokens whose probability reaches this mass (default 1.0: all)",
     )
@@ -461,6 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    with one_line_errors(lambda: "generate.py writes no file, so there is nothing to resume."):
+        run(args)
+
+
+def run(args) -> None:
+    """Answer --prompt (one streamed, or several as a batch), or chat on stdin."""
     model, tokenizer = load(args.model, args.device, args.dtype)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt and len(args.prompt) == 1:

@@ -13,11 +13,9 @@ Where the families differ is data, not code: `ModelConfig` fields (`qkv_bias`,
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.files import write_json
+from data.errors import UserError, fail_point
+from data.files import created_mode, read_json, temp_path, write_json
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded; the message names the file or key at fault."""
 
 
@@ -435,8 +434,9 @@ class Transformer(nn.Module):
         that replaces `path` only when complete.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp = temp_path(path)  # a leftover of this pid can only be a dead process's
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)  # with the user's umask, like every file in it
         try:
             dtype = self.embed_tokens.weight.dtype
             hf = dict(self.hf_config)
@@ -452,6 +452,9 @@ class Transformer(nn.Module):
                 for name in AUX_FILES:
                     if (self.source_dir / name).is_file():
                         shutil.copy2(self.source_dir / name, tmp / name)
+            for f in tmp.iterdir():  # safetensors writes 0600 and copy2 keeps the source's mode: the umask decides
+                os.chmod(f, created_mode())
+            fail_point("save")
             replace_dir(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -500,19 +503,16 @@ def read_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file}: config.json is missing from the checkpoint directory.")
-    try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e}).") from None
+    return read_json(cfg_file, CheckpointError, "config")
 
 
 def checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the shards named by the index, or the single file."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not weight_map:
-            raise CheckpointError(f"{index}: no 'weight_map' in the shard index.")
+        weight_map = read_json(index, CheckpointError, "shard index").get("weight_map")
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(f, str) for f in weight_map.values())):
+            raise CheckpointError(f"{index}: 'weight_map' is missing, empty or not a map of tensor names to files.")
         files = [path / f for f in dict.fromkeys(weight_map.values())]
         for f in files:
             if not f.is_file():
@@ -543,10 +543,11 @@ def iter_checkpoint_tensors(path: Path):
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Put directory src at dst; an existing dst is moved aside first and removed only after."""
+    """Put directory src at dst; an existing dst is moved aside first and removed only after
+    (data.files.remove_stale_temps puts it back if a kill comes between the two renames)."""
     old = None
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        old = temp_path(dst, "old")
         os.replace(dst, old)
     os.replace(src, dst)
     if old is not None:

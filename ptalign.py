@@ -32,7 +32,6 @@ unlikelihood training), each a named constant or a flag.
 
 from __future__ import annotations
 
-import argparse
 import math
 import operator
 import re
@@ -41,9 +40,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
-from data.cli import add_flags
+from data.cli import POSITIVE, Parser, add_flags
 from data.dataset import locate, merge_spans, word_spans
-from data.files import words
+from data.errors import one_line_errors
+from data.files import Journal, check_output_file, words
 from data.prompts import (
     CRITIQUE_POSITIVE,
     CRITIQUE_POSITIVE_START,
@@ -68,8 +68,17 @@ from data.prompts import (
     talks_about_task,
     unusable,
 )
-from data.records import DatasetFile, GenerateConfig, Meter, report_summary, settings_of, show, summarize
-from generate import GenSettings, chat, load, response_logprobs, yes_probability
+from data.records import (
+    DatasetFile,
+    GenerateConfig,
+    Meter,
+    report_summary,
+    saved_work,
+    settings_of,
+    show,
+    summarize,
+)
+from generate import GenSettings, chat, journaled, load, response_logprobs, yes_probability
 
 
 def eprint(text: str) -> None:
@@ -582,21 +591,32 @@ STAGE_COST = {"responses": 1.0, "round": 3.0, "spans": 1.0, "anchor": 1.0}
 def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     """Build (or resume) a dual dataset at cfg.out, chunk by chunk; return the summary.
 
-    model/tok: an already loaded model to use instead of loading cfg.model.
+    model/tok: an already loaded model to use instead of loading cfg.model. Each batch of model
+    work is saved in the journal beside cfg.out as it finishes, so a run interrupted at any
+    point and rerun with the same flags redoes at most one batch and ends with the same file.
     """
     seeds = load_seeds(cfg.seeds)
-    if model is None:
-        model, tok = load(cfg.model, cfg.device, cfg.dtype)
-    gen = GenSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
-    dataset = DatasetFile(cfg.out, settings_of(cfg))
+    dataset = DatasetFile(cfg.out, settings_of(cfg))  # other flags than the file's: refused before any model loads
     eprint(
         f"PT-ALIGN generate: {seeds.count()} seed annotations, {cfg.questions} questions, {cfg.rounds} rounds, "
         f"{cfg.anchors} anchor questions -> {dataset.path}"
         + (f" (resuming: {len(dataset.done)} done)" if dataset.done else "")
     )
-    if len(dataset.done) >= cfg.questions + cfg.anchors:
-        # Finished before: nothing to recompute (the settings were checked above).
-        return report_summary(summarize(list(dataset.done.values())), dataset.path)
+    if len(dataset.done) < cfg.questions + cfg.anchors:
+        if model is None:
+            model, tok = load(cfg.model, cfg.device, cfg.dtype)
+        with journaled(Journal(dataset.journal)):
+            summary = generate_records(model, tok, seeds, cfg, dataset)
+    else:  # finished before: nothing to recompute (the settings were checked above)
+        summary = summarize(list(dataset.done.values()))
+    dataset.journal.unlink(missing_ok=True)  # the file is complete: its batches are not needed any more
+    return report_summary(summary, dataset.path)
+
+
+def generate_records(model, tok, seeds: Seeds, cfg: GenerateConfig, dataset: DatasetFile) -> dict:
+    """The whole method into the dataset file: the judge's calibration, the questions, the anchor's
+    questions, then every chunk of records; returns the summary of the file."""
+    gen = GenSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
     t_start = time.perf_counter()
     if cfg.judge_calibration:
         cfg = replace(cfg, judge_threshold=calibrate_judge(model, tok, seeds, gen.batch_size))
@@ -609,13 +629,12 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
         anchors, astats = generate_benign_questions(model, tok, seeds, cfg.anchors, gen, cfg.seed, cfg.dedup_threshold)
     write_chunks(model, tok, seeds, cfg, gen, dataset, questions, anchors)
     summary = summarize(dataset.records(questions + anchors), qstats, astats)
-    summary.update(
+    return summary | dict(
         seconds=round(time.perf_counter() - t_start, 1),
         generated_tokens=gen.tally.tokens,
         generation_seconds=round(gen.tally.seconds, 1),
         generated_tokens_per_s=round(gen.tally.rate(), 1),
     )
-    return report_summary(summary, dataset.path)
 
 
 def write_chunks(model, tok, seeds, cfg: GenerateConfig, gen: GenSettings, dataset, questions, anchors) -> None:
@@ -640,14 +659,14 @@ def write_chunks(model, tok, seeds, cfg: GenerateConfig, gen: GenSettings, datas
 # Command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="PT-ALIGN: self-generated dual safety data, and evaluation.")
+def build_parser() -> Parser:
+    p = Parser(description="PT-ALIGN: self-generated dual safety data, and evaluation.")
     sub = p.add_subparsers(dest="command", required=True)
     add_flags(sub.add_parser("generate", help="build a dual dataset (JSONL) from the seed annotations"), GenerateConfig)
 
     s = sub.add_parser("show", help="print a dataset's records with the harmful spans highlighted")
     s.add_argument("file", help="dataset JSONL written by generate")
-    s.add_argument("--limit", type=int, default=None, help="show only the first N records")
+    s.add_argument("--limit", type=POSITIVE, default=None, help="show only the first N records")
 
     import evaluation  # it imports this module: imported when needed, never as this one loads
 
@@ -655,17 +674,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def interrupted(args) -> str:
+    """The last message of an interrupted command: what it saved, and how to go on."""
+    if args.command == "generate":
+        return saved_work(args.out)
+    return f"`{args.command}` writes its output only at the end, so nothing was written; rerun it to start again."
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
+    with one_line_errors(lambda: interrupted(args)):
+        for flag in ("out", "png"):  # every output path, checked before any model loads
+            if getattr(args, flag, None):
+                check_output_file(getattr(args, flag), "--" + flag)
         if args.command == "generate":
             run_generate(GenerateConfig(**{f.name: getattr(args, f.name) for f in fields(GenerateConfig)}))
         elif args.command == "show":
             print(show(args.file, args.limit))
         else:
-            args.run(args)  # eval and compare (evaluation.py)
-    except (PipelineError, ValueError) as err:
-        sys.exit(f"error: {err}")
+            args.run(args)  # eval, compare and spans (evaluation.py)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,15 @@ Read top to bottom, one run is:
      spans of the toxic ones, one fused loss straight from the final hidden states;
   4. the aligned checkpoint at OUT/final (transformers loads it), its evaluation
      (OUT/eval_after.json) and the before/after table.
-OUT/ckpt holds the checkpoint --resume continues from; OUT/metrics.jsonl one line per step.
+OUT/ckpt holds the checkpoint --resume continues from; OUT/metrics.jsonl one line per step;
+OUT/train_config.json the settings of the run that was accepted last (ckpt/ holds its own).
 Every setting, its flag and its presets: train_config.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -33,17 +31,28 @@ import torch
 import evaluation
 import ptalign
 from data import Tokenizer, default_model_path
-from data.dataset import IGNORE, DatasetError, batches, build_examples, load_records
-from data.default_model import DefaultModelError
-from data.files import append_jsonl, pyplot, read_jsonl, save_figure, sha256, write_json, write_jsonl
-from data.tokenizer import TokenizerError
+from data.dataset import IGNORE, batches, build_examples, load_records
+from data.errors import UserError, fail_point, one_line_errors
+from data.files import (
+    append_jsonl,
+    check_output_dir,
+    pyplot,
+    read_json,
+    read_jsonl,
+    remove_stale_temps,
+    save_figure,
+    sha256,
+    temp_path,
+    write_json,
+    write_jsonl,
+)
 from kernels import fused_linear_pt_loss
 from lora import add_lora, merged
-from model import CheckpointError, Transformer, iter_checkpoint_tensors, replace_dir
+from model import Transformer, iter_checkpoint_tensors, replace_dir
 from train_config import TrainConfig, fingerprint, parse_args
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError):
     """A run that cannot go on; the message says why and what to do."""
 
 
@@ -111,10 +120,12 @@ def save_model(model, path) -> None:
 
 
 def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, fingerprint: dict, out: Path) -> None:
-    """OUT/ckpt: the weights (save_pretrained) and trainer_state.pt, built in a temporary
-    directory and renamed into place only when complete, so a crash never leaves half of one."""
-    tmp = out / f".ckpt.tmp-{os.getpid()}"
+    """OUT/ckpt: the weights (save_pretrained), trainer_state.pt and the run's train_config.json,
+    built in a temporary directory and renamed into place only when complete, so a crash never
+    leaves half of one."""
+    tmp = temp_path(out / "ckpt")
     save_model(model, tmp)
+    write_json(tmp / "train_config.json", asdict(cfg))
     lora = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -126,7 +137,10 @@ def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, fingerprint: 
 def load_checkpoint(model, optimizer, fingerprint: dict, out: Path, device) -> int:
     """Restore weights, optimiser, RNG from OUT/ckpt; return the number of steps it had done."""
     ckpt = out / "ckpt"
-    state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=True)
+    try:
+        state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=True)
+    except Exception as e:  # written atomically, so only damage from outside gets here
+        raise TrainError(f"{ckpt / 'trainer_state.pt'}: cannot be read ({e}); remove {ckpt} to start over.") from None
     for key, value in fingerprint.items():
         old = state["fingerprint"].get(key)
         if old != value:
@@ -236,7 +250,7 @@ def evaluate(model, tok, records, cfg: TrainConfig, run: dict, path: Path) -> di
 
 def earlier_report(path: Path, run: dict) -> dict | None:
     """The report at `path`, if an earlier run wrote it with the same model, data and settings."""
-    report = json.loads(path.read_text()) if path.is_file() else None
+    report = read_json(path, TrainError, "evaluation report") if path.is_file() else None
     return report if report and report.get("run") == run else None
 
 
@@ -307,6 +321,7 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
     model, params, optimizer = setup(cfg, model_path, device)
     steps_per_epoch, total, warmup = schedule(cfg, len(examples))
     start = starting_step(cfg, model, optimizer, fingerprint, out, device, total)
+    write_json(out / "train_config.json", asdict(cfg))  # only now: a refused run leaves the last one's in place
     history = metrics_until(out / "metrics.jsonl", start)
     kind = f"LoRA r={cfg.lora_rank}" if cfg.lora_rank else "full"
     log(
@@ -334,6 +349,7 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_checkpoint(model, optimizer, step + 1, cfg, fingerprint, out)
             last_saved = step + 1
+        fail_point(f"step {step + 1}")
     progress.close()
     del optimizer
     finish(model, history, out)
@@ -385,10 +401,8 @@ def training_examples(records, tok, cfg: TrainConfig, data_path: Path) -> list:
 def run(cfg: TrainConfig) -> dict:
     """Dataset, evaluation before, training, evaluation after; returns the two reports."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".ckpt.tmp-*"):  # left by a run killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
-    write_json(out / "train_config.json", asdict(cfg))
+    check_output_dir(out, "--out")  # before any work, not after it
+    remove_stale_temps(out)  # what a run killed while saving left
     model_path = Path(cfg.model) if cfg.model else default_model_path()
     tok = Tokenizer.from_pretrained(model_path)
     device = torch.device(cfg.device)
@@ -424,20 +438,17 @@ def run(cfg: TrainConfig) -> dict:
     return reports
 
 
-# What main reports as a one-line error rather than a traceback.
-ERRORS = (DatasetError, CheckpointError, TokenizerError, DefaultModelError, ptalign.PipelineError, TrainError)
+def interrupted(out: Path) -> str:
+    """The last message of an interrupted run: what it kept in OUT, and how to go on from it."""
+    kept = [name for name in ("data.jsonl", "eval_before.json", "ckpt/") if (out / name).exists()]
+    where = f"kept in {out}: {', '.join(kept)}" if kept else f"nothing kept in {out} yet"
+    return f"{where}; rerun the same command with --resume to continue from there."
 
 
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
-    try:
+    with one_line_errors(lambda: interrupted(Path(cfg.out))):
         return run(cfg)
-    except ERRORS as err:
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
-        sys.exit(
-            f"\ninterrupted; rerun with --resume to continue from the last checkpoint in {Path(cfg.out) / 'ckpt'}."
-        )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from data import DATA_DIR
-from data.cli import add_flags, option
+from data.cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, Parser, add_flags, option
 from data.files import sha256
 
 # The cpu preset makes the whole default run (dataset, both evaluations, training) finish in
@@ -65,32 +65,42 @@ class TrainConfig:
         1.0,
         "weight of the unlikelihood term (the cpu preset's 3.0 was chosen on the dev split with the default model; "
         "1.0, the neutral weight, is untuned for larger models)",
+        type=NON_NEGATIVE,
     )
-    epochs: int = machine(3, 3, "passes over the dataset")
+    epochs: int = machine(3, 3, "passes over the dataset", type=POSITIVE)
     max_steps: int | None = option(
-        None, "stop after this many optimizer steps (the schedule ends there too); default: the epochs' end"
+        None,
+        "stop after this many optimizer steps (the schedule ends there too); default: the epochs' end",
+        type=POSITIVE,
     )
-    batch_size: int = machine(4, 4, "examples per micro-batch")
-    grad_accum: int = machine(1, 8, "micro-batches per optimizer step")
+    batch_size: int = machine(4, 4, "examples per micro-batch", type=POSITIVE)
+    grad_accum: int = machine(1, 8, "micro-batches per optimizer step", type=POSITIVE)
     lr: float = machine(
-        5e-5, 1e-5, f"peak learning rate; default: the preset's, for LoRA{presets_note(LORA_LR)} or full fine-tuning"
+        5e-5,
+        1e-5,
+        f"peak learning rate; default: the preset's, for LoRA{presets_note(LORA_LR)} or full fine-tuning",
+        type=POSITIVE_FLOAT,
     )
     warmup_steps: int | None = option(
-        None, "linear warmup steps before the cosine decay to lr/10 (default: 5%% of the steps, at least 1)"
+        None,
+        "linear warmup steps before the cosine decay to lr/10 (default: 5%% of the steps, at least 1)",
+        type=COUNT,
     )
-    weight_decay: float = option(0.0, "AdamW weight decay on matrices")
-    grad_clip: float = option(1.0, "clip the gradient's global norm to this")
+    weight_decay: float = option(0.0, "AdamW weight decay on matrices", type=NON_NEGATIVE)
+    grad_clip: float = option(1.0, "clip the gradient's global norm to this", type=POSITIVE_FLOAT)
     max_len: int = machine(
         256,
         1024,
         "tokens per example; longer responses are cut, examples whose prompt does not fit are dropped and counted",
+        type=POSITIVE,
     )
     lora_rank: int = option(
         0,
         "train LoRA adapters of this rank on the attention and MLP projections instead of all weights; "
         "merged into the weights on save; 0: full fine-tuning",
+        type=COUNT,
     )
-    lora_alpha: float = option(16.0, "LoRA scale numerator: the update is alpha/rank * B A")
+    lora_alpha: float = option(16.0, "LoRA scale numerator: the update is alpha/rank * B A", type=POSITIVE_FLOAT)
     grad_checkpointing: bool = machine(
         False,
         True,
@@ -98,7 +108,7 @@ class TrainConfig:
         action=argparse.BooleanOptionalAction,
     )
     seed: int = option(0, "seed for the dataset, data order and LoRA init")
-    save_every: int = machine(10, 100, "write OUT/ckpt every N optimizer steps; 0: never")
+    save_every: int = machine(10, 100, "write OUT/ckpt every N optimizer steps; 0: never", type=COUNT)
     resume: bool = option(
         False,
         "continue from OUT/ckpt (same flags required): weights, optimizer, schedule, data order and RNG, "
@@ -110,8 +120,8 @@ class TrainConfig:
         "this project's addition); --no-anchor leaves them out",
         action=argparse.BooleanOptionalAction,
     )
-    questions: int = machine(32, 64, "harmful questions to generate when --data is not given")
-    anchors: int = machine(48, 96, "harmless anchor questions to generate when --data is not given")
+    questions: int = machine(32, 64, "harmful questions to generate when --data is not given", type=POSITIVE)
+    anchors: int = machine(48, 96, "harmless anchor questions to generate when --data is not given", type=COUNT)
     inference_dtype: str = machine(
         "bfloat16",
         "bfloat16",
@@ -119,11 +129,11 @@ class TrainConfig:
         "avx512_bf16, bfloat16 generates 1.6x faster than float32",
         choices=("float32", "bfloat16"),
     )
-    rounds: int = machine(2, 2, "critique-and-revise rounds when generating")
+    rounds: int = machine(2, 2, "critique-and-revise rounds when generating", type=COUNT)
     eval_limit: int | None = machine(
-        None, None, "evaluate on this many prompts of each held-out set, evenly spaced; 0 or less: all"
+        None, None, "evaluate on this many prompts of each held-out set, evenly spaced; 0: all", type=COUNT
     )
-    eval_max_new_tokens: int = machine(48, 64, "reply length in evaluation")
+    eval_max_new_tokens: int = machine(48, 64, "reply length in evaluation", type=POSITIVE)
     eval_harmful: str = option(
         str(DATA_DIR / "eval_harmful.jsonl"),
         "harmful prompts to evaluate on (default: data/eval_harmful.jsonl; tune on data/dev_harmful.jsonl)",
@@ -157,10 +167,10 @@ def fingerprint(cfg: TrainConfig, model_path, data_path) -> dict:
     return same | {"model": str(model_path), "data_sha256": sha256(data_path)}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per TrainConfig field, with the field's help. A flag not given is left out of the
-    parsed namespace (argument_default=SUPPRESS), so parse_args can tell it from a default."""
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    """One flag per TrainConfig field, with the field's help and range. A flag not given is left out
+    of the parsed namespace (argument_default=SUPPRESS), so parse_args can tell it from a default."""
+    p = Parser(
         description="PT-ALIGN dual instruction tuning, end to end: dataset, evaluation before, training with the "
         "fused MLE + unlikelihood loss, aligned checkpoint, evaluation after. With no flags it runs on the "
         "embedded default model.",
@@ -172,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> TrainConfig:
     """The flags given; for the others, the preset's value (gpu when CUDA is available, else cpu),
-    else the TrainConfig default. Exits with a message on a setting out of range."""
+    else the TrainConfig default. A setting out of range is a usage error (each field's type)."""
     given = vars(build_parser().parse_args(argv))
     cuda = torch.cuda.is_available()
     values = preset_values(given.setdefault("preset", "gpu" if cuda else "cpu"))
@@ -183,11 +193,6 @@ def parse_args(argv=None) -> TrainConfig:
     values.setdefault("device", "cuda" if cuda else "cpu")
     values.setdefault("precision", "bf16" if values["device"].startswith("cuda") else "fp32")
     cfg = TrainConfig(**values)
-    if cfg.eval_limit is not None and cfg.eval_limit <= 0:
+    if cfg.eval_limit == 0:
         cfg.eval_limit = None  # all
-    for key in ("epochs", "batch_size", "grad_accum", "max_len"):
-        if getattr(cfg, key) < 1:
-            raise SystemExit(f"error: --{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}.")
-    if cfg.lora_rank < 0:
-        raise SystemExit(f"error: --lora-rank must be 0 (full fine-tuning) or positive, got {cfg.lora_rank}.")
     return cfg

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from data.errors import UserError
 from data.files import WORD, read_jsonl
 
 IGNORE = -100
@@ -190,7 +191,7 @@ FUNCTION_WORDS = frozenset(
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset that cannot be used; the message names the file, line or key."""
 
 
@@ -254,13 +255,17 @@ def check_keys(path, n: int, record: dict, keys) -> None:
             raise DatasetError(f"{path}:{n}: key {key!r} is missing or not a {kind.__name__}.")
 
 
-def check_spans(path, n: int, record: dict) -> None:
-    """A dual record's spans: at least one, each [start, end) of integers inside the toxic response."""
-    if not record["spans"]:
+def check_spans(path, n: int, record: dict, required: bool = True) -> None:
+    """A record's spans: a list of [start, end) integer pairs inside its toxic response (at least
+    one when required, as training needs; a dropped record may have none)."""
+    spans, toxic = record.get("spans", []), record.get("toxic") or ""
+    if not isinstance(spans, list):
+        raise DatasetError(f"{path}:{n}: key 'spans' is not a list.")
+    if required and not spans:
         raise DatasetError(f"{path}:{n}: record has no harmful spans; the toxic side would train nothing.")
-    for s in record["spans"]:
-        ok = isinstance(s, list) and len(s) == 2 and all(type(x) is int for x in s)
-        if not (ok and 0 <= s[0] < s[1] <= len(record["toxic"])):
+    for s in spans:
+        ok = isinstance(s, list) and len(s) == 2 and all(type(x) is int for x in s)  # not 1.5, not true
+        if not (ok and 0 <= s[0] < s[1] <= len(toxic)):
             raise DatasetError(f"{path}:{n}: span {s!r} is not [start, end) inside the toxic response.")
 
 

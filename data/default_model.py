@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from data.errors import UserError, one_line_errors
 from data.files import sha256, write_bytes_atomic, write_json
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ MARKER = "ptalign-converted.json"
 OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
-class DefaultModelError(RuntimeError):
+class DefaultModelError(UserError):
     """The default model could not be fetched or converted; the message says which step and file."""
 
 
@@ -528,11 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         "--force", action="store_true", help="fetch and convert again even if a complete conversion exists"
     )
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors(lambda: "nothing was installed; run it again to fetch and convert from the start."):
         path = default_model_path(args.cache, force=args.force)
-    except DefaultModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     print(path)
     return 0
 

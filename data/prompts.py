@@ -12,19 +12,18 @@ the task instead of answering, and a reply that refuses (also the evaluation's r
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from data import DATA_DIR
-from data.files import words
+from data.errors import UserError
+from data.files import read_json, words
 
 # -----------------------------------------------------------------------------
 # The seed annotations: fewer than 50 human-written items (data/seeds.json)
 
 
-class PipelineError(ValueError):
+class PipelineError(UserError):
     """Bad input to the pipeline; the message names the file, line or key."""
 
 
@@ -52,15 +51,7 @@ class Seeds:
 
 def load_seeds(path=DATA_DIR / "seeds.json") -> Seeds:
     """The seed annotations, checked: every key present, non-empty, and fewer than 50 items."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: seed file does not exist.")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{path}: not valid JSON ({e}).") from None
-    if not isinstance(raw, dict):
-        raise PipelineError(f"{path}: expected a JSON object with categories, principles, toxic_traits, exemplars.")
+    raw = read_json(path, PipelineError, "seed")  # a JSON object: categories, principles, toxic_traits, exemplars
     for key in ("categories", "principles", "toxic_traits", "exemplars"):
         if not isinstance(raw.get(key), list) or not raw[key]:
             raise PipelineError(f"{path}: key {key!r} is missing or empty.")

@@ -1,9 +1,11 @@
 """The dual-dataset file as `ptalign.py generate` writes it, the settings that make it, and its bookkeeping.
 
 One JSON record per question, appended chunk by chunk and stamped with the settings that
-made it: a run killed at any point loses at most the chunk in progress, and resuming with
-the same settings gives exactly the file an uninterrupted run writes. Also here: the
-progress line of a run, the summary of a finished file, and `show` (the records as text).
+made it. Next to it, while a run is unfinished, OUT.journal holds every batch of model work
+as it finishes (generate.in_batches): a run killed at any point loses at most the batch in
+progress, and resuming with the same settings gives exactly the file an uninterrupted run
+writes. Also here: the progress line of a run, the summary of a finished file, and `show`
+(the records as text).
 Training reads the same file through `data.dataset.load_records`.
 """
 
@@ -16,9 +18,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from data import DATA_DIR
-from data.cli import option
-from data.dataset import word_spans
-from data.files import append_jsonl, read_jsonl, sha256, write_jsonl
+from data.cli import COUNT, FINITE, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, option
+from data.dataset import DatasetError, check_keys, check_spans, word_spans
+from data.files import append_jsonl, read_jsonl, remove_stale_temps, sha256, write_jsonl
 from data.prompts import POSITIVE_REPLY_START, PipelineError
 
 
@@ -34,16 +36,20 @@ class GenerateConfig:
         None, "weights dtype (default: bfloat16 on cuda, float32 on cpu)", choices=["float32", "bfloat16", "float16"]
     )
     seeds: str = option(str(DATA_DIR / "seeds.json"), "seed annotations JSON (default: data/seeds.json)")
-    questions: int = option(32, "harmful questions to generate")
-    rounds: int = option(2, "critique-and-revise rounds per sample")
+    questions: int = option(32, "harmful questions to generate", type=POSITIVE)
+    rounds: int = option(2, "critique-and-revise rounds per sample", type=COUNT)
     seed: int = option(0, "random seed; same seed and flags, same dataset")
     max_new_tokens: int = option(
-        64, "max tokens per generated response; a reply cut off there is trimmed to its last full sentence"
+        64,
+        "max tokens per generated response; a reply cut off there is trimmed to its last full sentence",
+        type=POSITIVE,
     )
-    temperature: float = option(0.7, "sampling temperature for responses")
-    top_p: float = option(0.9, "nucleus sampling mass")
+    temperature: float = option(0.7, "sampling temperature for responses", type=NON_NEGATIVE)
+    top_p: float = option(0.9, "nucleus sampling mass", type=FRACTION)
     batch_size: int = option(
-        32, "prompts generated together (and, when generating, the chunk of records computed and written together)"
+        32,
+        "prompts generated together (and, when generating, the chunk of records computed and written together)",
+        type=POSITIVE,
     )
     span_method: str = option(
         "contrast",
@@ -66,15 +72,20 @@ class GenerateConfig:
     contrast_top: float = option(
         0.5,
         "rank rule: fraction of a response's content words marked (at least one); chosen on the span set's dev half",
+        type=FRACTION,
     )
     contrast_floor: float = option(
-        0.0, "rank rule: nats a marked word's contrast must exceed (0: likelier under the harmful instruction at all)"
+        0.0,
+        "rank rule: nats a marked word's contrast must exceed (0: likelier under the harmful instruction at all)",
+        type=FINITE,
     )
     contrast_margin: float = option(
-        1.0, "margin rule: nats by which a token's log-prob under the harmful instruction must beat the harmless one"
+        1.0,
+        "margin rule: nats by which a token's log-prob under the harmful instruction must beat the harmless one",
+        type=FINITE,
     )
     judge_threshold: float = option(
-        0.5, "self-check: P(harmful) from the model-as-judge that separates harmful from harmless"
+        0.5, "self-check: P(harmful) from the model-as-judge that separates harmful from harmless", type=PROBABILITY
     )
     judge_calibration: bool = option(
         True,
@@ -83,18 +94,22 @@ class GenerateConfig:
         action=argparse.BooleanOptionalAction,
     )
     judge_margin: float = option(
-        0.0, "self-check: the toxic sample's P(harmful) must exceed the positive's by more than this"
+        0.0, "self-check: the toxic sample's P(harmful) must exceed the positive's by more than this", type=FINITE
     )
-    dedup_threshold: float = option(0.7, "drop a new question whose ROUGE-L with any kept one exceeds this")
+    dedup_threshold: float = option(
+        0.7, "drop a new question whose ROUGE-L with any kept one exceeds this", type=PROBABILITY
+    )
     request_threshold: float = option(
         0.5,
         "request gate: a question whose P(should refuse) from the request judge is below this is dropped before "
         "its refusal is written (chosen on the dev split; 0 turns the gate off)",
+        type=PROBABILITY,
     )
     anchors: int = option(
         48,
         "helpfulness anchor: harmless questions self-instructed from the benign seed examples, answered by the "
         "model itself, as MLE-only records (this project's addition; 0 turns it off)",
+        type=COUNT,
     )
 
 
@@ -109,17 +124,35 @@ def settings_of(cfg: GenerateConfig) -> dict:
     return {"model": model, **settings, "seeds_sha256": sha256(cfg.seeds)}
 
 
+def journal_path(out) -> Path:
+    """Where a run's finished batches wait until its dataset file is complete: OUT.journal."""
+    return Path(out).with_name(Path(out).name + ".journal")
+
+
+def saved_work(out) -> str:
+    """What an interrupted run has saved, and how to go on: for its last message."""
+    count = lambda f: sum(1 for line in f.open(encoding="utf-8") if line.strip()) if f.is_file() else 0
+    out, journal = Path(out), journal_path(out)
+    return (
+        f"{count(out)} records in {out} and {count(journal)} finished batches in {journal} are saved; "
+        "rerun the same command to continue from them."
+    )
+
+
 class DatasetFile:
     """The records already in a dataset file, by id, and appending new ones to it.
 
     Opening it resumes it: every record must carry `settings` in its provenance (else the
-    run stops with the first difference), and a torn last line (a run killed mid-write) is
-    dropped by rewriting the file without it.
+    run stops with the first difference), a torn last line (a run killed mid-write) is
+    dropped by rewriting the file without it, and what a killed writer left beside it goes.
+    `journal` is where the run's finished batches wait until the file is complete.
     """
 
     def __init__(self, path, settings: dict, method: str = "PT-ALIGN (ptalign.py)"):
         self.path, self.settings, self.method = Path(path), settings, method
+        self.journal = journal_path(self.path)
         self.done: dict[str, dict] = {}
+        remove_stale_temps(self.path.parent, self.path.name)
         if self.path.exists():
             for _, r in read_jsonl(self.path, PipelineError, "dataset", allow_torn_tail=True):
                 self.check(r)
@@ -266,12 +299,26 @@ def report_summary(summary: dict, out) -> dict:
     return summary
 
 
+def check_shown(path, n: int, record: dict) -> None:
+    """What show prints of a record, checked: an id and a question; responses, if any, are text,
+    and the spans lie inside the toxic one (a record the gate dropped has neither)."""
+    check_keys(path, n, record, (("id", str), ("question", str)))
+    for key in ("positive", "toxic"):
+        if not isinstance(record.get(key) or "", str):
+            raise DatasetError(f"{path}:{n}: key {key!r} is not a string.")
+    check_spans(path, n, record, required=False)
+
+
 def show(path, limit: int | None = None, color: bool | None = None) -> str:
     """Records of a dataset as text, the harmful spans highlighted (red in a terminal, [[...]] otherwise)."""
     color = sys.stdout.isatty() if color is None else color
     on, off = ("\033[1;31m", "\033[0m") if color else ("[[", "]]")
+    records = list(read_jsonl(path, PipelineError, "dataset", allow_torn_tail=True))  # a file still being written
+    if not records:
+        raise PipelineError(f"{path}: dataset file has no records.")
     out = []
-    for r in [r for _, r in read_jsonl(path, PipelineError, "dataset")][:limit]:
+    for n, r in records[:limit]:
+        check_shown(path, n, r)
         toxic, last, text = "", 0, r.get("toxic") or ""
         for s, e in r.get("spans", []):
             toxic += text[last:s] + on + text[s:e] + off

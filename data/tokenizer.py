@@ -14,8 +14,11 @@ import re
 from datetime import datetime
 from pathlib import Path
 
+from data.errors import UserError
+from data.files import read_json
 
-class TokenizerError(ValueError):
+
+class TokenizerError(UserError):
     """A tokenizer directory that cannot be used; the message names the file or key."""
 
 
@@ -25,12 +28,18 @@ def _token_text(tok) -> str | None:
 
 
 def _read_json(file: Path) -> dict:
-    if not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{file}: not valid JSON ({e}).") from None
+    """An optional JSON file of the checkpoint: {} when absent, an error naming it when broken."""
+    return read_json(file, TokenizerError) if file.is_file() else {}
+
+
+def _chat_template(path: Path, config: dict) -> tuple[str | None, Path]:
+    """The chat template and the file it comes from: chat_template.jinja, else tokenizer_config.json."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8"), path / "chat_template.jinja"
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    return template, path / "tokenizer_config.json"
 
 
 def _as_list(x) -> list:
@@ -44,6 +53,7 @@ class Tokenizer:
         self.path, self.backend, self.kind = path, backend, kind
         self.config = config
         self.chat_template = chat_template
+        self.template_file = path / "tokenizer_config.json"  # where the template came from, for errors
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.pad_token = _token_text(config.get("pad_token"))
@@ -77,11 +87,7 @@ class Tokenizer:
                 raise TokenizerError(f"{path / 'tokenizer.model'}: cannot be read ({e}).") from None
         else:
             raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model found.")
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            template = {t["name"]: t["template"] for t in template}.get("default")
-        if (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        template, template_file = _chat_template(path, config)
         # Stop on every end-of-sequence id the checkpoint names: Llama 3 has three.
         stop_ids = []
         for file in ("generation_config.json", "config.json"):
@@ -89,6 +95,7 @@ class Tokenizer:
                 if i not in stop_ids:
                     stop_ids.append(i)
         tok = cls(path, backend, kind, config, template, stop_ids)
+        tok.template_file = template_file
         eos = tok.special_ids.get(tok.eos_token)
         if eos is not None and eos not in tok.stop_ids:
             tok.stop_ids.append(eos)
@@ -190,9 +197,15 @@ class Tokenizer:
             for k, v in self.config.items()
             if k.endswith("_token") and isinstance(_token_text(v), str)
         }
-        return _compile(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **specials
-        )
+        try:
+            template = _compile(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+        except TokenizerError:
+            raise  # the template's own raise_exception: its message already says what is wrong
+        except Exception as e:
+            # The template is code that came with the checkpoint: whatever it raises (a syntax
+            # error, the sandbox's SecurityError, OverflowError for a huge range) is its failure.
+            raise TokenizerError(f"{self.template_file}: the chat template failed ({type(e).__name__}: {e}).") from None
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Ids of the rendered chat. The template writes BOS itself, so encode adds none (no double BOS)."""

