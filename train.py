@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -124,14 +125,17 @@ def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, fingerprint: 
     built in a temporary directory and renamed into place only when complete, so a crash never
     leaves half of one."""
     tmp = temp_path(out / "ckpt")
-    save_model(model, tmp)
-    write_json(tmp / "train_config.json", asdict(cfg))
-    lora = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    state = {"step": step, "optimizer": optimizer.state_dict(), "lora": lora, "rng": rng, "config": asdict(cfg)}
-    torch.save(state | {"fingerprint": fingerprint}, tmp / "trainer_state.pt")
-    replace_dir(tmp, out / "ckpt")
+    try:
+        save_model(model, tmp)
+        write_json(tmp / "train_config.json", asdict(cfg))
+        lora = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        state = {"step": step, "optimizer": optimizer.state_dict(), "lora": lora, "rng": rng, "config": asdict(cfg)}
+        torch.save(state | {"fingerprint": fingerprint}, tmp / "trainer_state.pt")
+        replace_dir(tmp, out / "ckpt")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save leaves nothing (a kill: start-up cleanup)
 
 
 def load_checkpoint(model, optimizer, fingerprint: dict, out: Path, device) -> int:

@@ -200,12 +200,13 @@ class Tokenizer:
         try:
             template = _compile(self.chat_template)
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
-        except TokenizerError:
-            raise  # the template's own raise_exception: its message already says what is wrong
+        except TemplateRaised as e:
+            raise TokenizerError(f"{self.template_file}: the chat template refused the messages ({e}).") from None
         except Exception as e:
             # The template is code that came with the checkpoint: whatever it raises (a syntax
             # error, the sandbox's SecurityError, OverflowError for a huge range) is its failure.
-            raise TokenizerError(f"{self.template_file}: the chat template failed ({type(e).__name__}: {e}).") from None
+            why = f"{type(e).__name__}: {str(e).rstrip('.')}"
+            raise TokenizerError(f"{self.template_file}: the chat template failed ({why}).") from None
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Ids of the rendered chat. The template writes BOS itself, so encode adds none (no double BOS)."""
@@ -215,6 +216,10 @@ class Tokenizer:
 _templates: dict[str, object] = {}
 
 
+class TemplateRaised(Exception):
+    """A chat template's own raise_exception("..."): it refuses the messages it was given."""
+
+
 def _compile(source: str):
     """Compile a chat template in a sandboxed Jinja environment with the helpers templates expect."""
     if source not in _templates:
@@ -222,7 +227,7 @@ def _compile(source: str):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
-            raise TokenizerError(f"chat template: {message}")
+            raise TemplateRaised(message)
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         # Jinja's own tojson escapes <, > and & for HTML; templates expect plain JSON.

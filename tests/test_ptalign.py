@@ -9,6 +9,7 @@ not depend on how good the model is. The default model runs one stage only (red-
 questions), once.
 """
 
+import contextlib
 import json
 import re
 import shutil
@@ -31,8 +32,9 @@ from data.dataset import (
     spans_to_token_mask,
     word_spans,
 )
-from data.files import stable_seed
+from data.files import Journal, stable_seed
 from data.prompts import PipelineError
+from data.records import journal_path
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -693,19 +695,31 @@ def generate_cli(model_dir, out, batch_size, rounds=1, extra=(), **patches) -> s
     return None
 
 
+@contextlib.contextmanager
+def computed_batches():
+    """A list that counts every batch of model work computed (and saved to the journal) inside the block."""
+    saved, put = [], Journal.put
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Journal, "put", lambda self, key, value: (saved.append(key), put(self, key, value)))
+        yield saved
+
+
 @pytest.fixture(scope="module", params=[1, 2], ids=["batch1", "batch2"])
 def run_a(request, tiny_dir, tmp_path_factory):
-    """One uninterrupted run (A): 2 questions, 1 round, batches of 1 (a chunk per record) or 2 (one chunk)."""
+    """One uninterrupted run (A): 2 questions, 1 round, batches of 1 (a chunk per record) or 2 (one chunk).
+    Also: how many batches of model work it computed."""
     out = tmp_path_factory.mktemp("run") / "a.jsonl"
-    err = generate_cli(tiny_dir, out, request.param)
+    with computed_batches() as batches:
+        err = generate_cli(tiny_dir, out, request.param)
     assert err is None or "no usable record" in err, err
-    return out, err, request.param
+    assert not journal_path(out).exists()  # removed once the file is complete
+    return out, err, request.param, len(batches)
 
 
 def test_generate_records_well_formed(run_a):
     """Every stage leaves its mark in a record of the right shape: question, dual responses,
     one entry per refinement round, the self-check's verdict, spans and provenance."""
-    out, _, batch_size = run_a
+    out, _, batch_size, _ = run_a
     records = [json.loads(line) for line in out.read_text().splitlines()]
     seeds = prompts.load_seeds()
     assert [r["id"] for r in records] == ["q0000", "q0001"]
@@ -732,7 +746,7 @@ def test_generate_records_well_formed(run_a):
 def test_resume_equals_uninterrupted_run(run_a, tiny_dir, tmp_path):
     """A run killed mid-write (its first record, then half a line) and resumed with the same
     flags ends byte for byte equal to the uninterrupted run: no duplicate, no lost record."""
-    a, err_a, batch_size = run_a
+    a, err_a, batch_size, _ = run_a
     first, second = a.read_text().splitlines(keepends=True)
     b = tmp_path / "b.jsonl"
     b.write_text(first + second[: len(second) // 2])
@@ -746,11 +760,29 @@ def test_resume_of_a_finished_run_changes_nothing(run_a, tiny_dir, tmp_path):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished record was computed again")
 
-    a, err_a, batch_size = run_a
+    a, err_a, batch_size, _ = run_a
     b = tmp_path / "b.jsonl"
     shutil.copy(a, b)
     assert generate_cli(tiny_dir, b, batch_size, dual_responses=must_not_run) == err_a
     assert b.read_text() == a.read_text()
+
+
+def test_interrupted_run_resumes_from_its_journal(run_a, tiny_dir, tmp_path, monkeypatch):
+    """Ctrl-C after the 5th batch of model work (questions, judge, responses...): one sentence says
+    what is saved and how to go on. The rerun, even after a kill tore the journal's last line,
+    computes only the batches not saved and ends with the uninterrupted run's file, byte for byte."""
+    a, err_a, batch_size, n_batches = run_a
+    b = tmp_path / "b.jsonl"
+    monkeypatch.setenv("PTALIGN_FAIL_AT", "batch 5")
+    saved = r"\d+ records in OUT and 5 finished batches in OUT.journal are saved; rerun the same command to continue"
+    assert re.fullmatch(f"interrupted; {saved} from them.", generate_cli(tiny_dir, b, batch_size))
+    with open(journal_path(b), "a") as f:
+        f.write('{"key": "0123", "val')  # what a kill in the middle of an append leaves
+    monkeypatch.delenv("PTALIGN_FAIL_AT")
+    with computed_batches() as batches:
+        assert generate_cli(tiny_dir, b, batch_size) == err_a
+    assert len(batches) == n_batches - 5
+    assert b.read_text() == a.read_text() and not journal_path(b).exists()
 
 
 @pytest.mark.parametrize(
@@ -763,7 +795,7 @@ def test_resume_of_a_finished_run_changes_nothing(run_a, tiny_dir, tmp_path):
 def test_resume_refuses_an_incompatible_file(run_a, tiny_dir, tmp_path, damage, rounds, message):
     """A file written with other flags, or with a broken line before its end, is refused with a
     clear message naming it, and is left exactly as it was."""
-    a, _, batch_size = run_a
+    a, _, batch_size, _ = run_a
     first, second = a.read_text().splitlines(keepends=True)
     b = tmp_path / "b.jsonl"
     b.write_text(first + second[:10] if damage == "torn tail" else "{not json\n" + first)
