@@ -43,7 +43,7 @@ from dataclasses import dataclass, fields, replace
 from data.cli import POSITIVE, Parser, add_flags
 from data.dataset import locate, merge_spans, word_spans
 from data.errors import one_line_errors
-from data.files import Journal, check_output_file, words
+from data.files import check_output_file, words
 from data.prompts import (
     CRITIQUE_POSITIVE,
     CRITIQUE_POSITIVE_START,
@@ -597,6 +597,7 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     """
     seeds = load_seeds(cfg.seeds)
     dataset = DatasetFile(cfg.out, settings_of(cfg))  # other flags than the file's: refused before any model loads
+    journal = dataset.open_journal()  # (and than its journal's)
     eprint(
         f"PT-ALIGN generate: {seeds.count()} seed annotations, {cfg.questions} questions, {cfg.rounds} rounds, "
         f"{cfg.anchors} anchor questions -> {dataset.path}"
@@ -605,11 +606,11 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     if len(dataset.done) < cfg.questions + cfg.anchors:
         if model is None:
             model, tok = load(cfg.model, cfg.device, cfg.dtype)
-        with journaled(Journal(dataset.journal)):
+        with journaled(journal):
             summary = generate_records(model, tok, seeds, cfg, dataset)
     else:  # finished before: nothing to recompute (the settings were checked above)
         summary = summarize(list(dataset.done.values()))
-    dataset.journal.unlink(missing_ok=True)  # the file is complete: its batches are not needed any more
+    journal.remove()  # the file is complete: its batches are not needed any more
     return report_summary(summary, dataset.path)
 
 

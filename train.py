@@ -445,8 +445,9 @@ def run(cfg: TrainConfig) -> dict:
 def interrupted(out: Path) -> str:
     """The last message of an interrupted run: what it kept in OUT, and how to go on from it."""
     kept = [name for name in ("data.jsonl", "eval_before.json", "ckpt/") if (out / name).exists()]
-    where = f"kept in {out}: {', '.join(kept)}" if kept else f"nothing kept in {out} yet"
-    return f"{where}; rerun the same command with --resume to continue from there."
+    if not kept:
+        return f"nothing was kept in {out} yet; rerun the same command to start again."
+    return f"kept in {out}: {', '.join(kept)}; rerun the same command with --resume to continue from there."
 
 
 def main(argv=None) -> dict:

@@ -27,9 +27,9 @@ class Parser(argparse.ArgumentParser):
 def number(kind: type, low: float = -math.inf, high: float = math.inf, low_open: bool = False):
     """An argparse type: a finite int or float in [low, high] ((low, high] when low_open)."""
     name = "an integer" if kind is int else "a finite number"
-    if high < math.inf:
-        wanted = f"{'a number' if kind is float else name} in {'(' if low_open else '['}{low:g}, {high:g}]"
-    elif low > -math.inf:
+    if high < math.inf:  # a range: "a number in (0, 1]"
+        wanted = f"{name.replace('finite ', '')} in {'(' if low_open else '['}{low:g}, {high:g}]"
+    elif low > -math.inf:  # a bound: "an integer >= 1"
         wanted = f"{name} {'>' if low_open else '>='} {low:g}"
     else:
         wanted = name

@@ -204,21 +204,29 @@ class Journal:
     """Finished pieces of a long computation, by key, appended to a JSONL file as each one
     finishes: a run killed at any moment redoes only the piece it was in.
 
-    Opening it reads back what earlier runs saved (a torn last line is dropped by rewriting the
-    file without it); `remove` deletes it once the result it served is complete.
+    Its first line is a stamp (the settings of the run that began it): opening it reads back
+    the stamp (`stamp`, None for a new journal) and what earlier runs saved, and changes
+    nothing, so a caller can refuse a journal of other settings first. The first `put` rewrites
+    it with this run's stamp (a torn last line dropped); `remove` deletes it once the result it
+    served is complete.
     """
 
-    def __init__(self, path):
-        self.path, self.saved, self.written = Path(path), {}, 0
-        if self.path.exists():
-            lines = read_jsonl(self.path, what="journal", allow_torn_tail=True)
-            self.saved = {e["key"]: e["value"] for _, e in lines if "key" in e and "value" in e}
-            write_jsonl(self.path, ({"key": k, "value": v} for k, v in self.saved.items()))
+    def __init__(self, path, stamp: dict, error=FileFormatError):
+        self.path, self.new_stamp, self.written = Path(path), stamp, 0
+        entries = (
+            [e for _, e in read_jsonl(self.path, error, "journal", allow_torn_tail=True)] if self.path.exists() else []
+        )
+        self.stamp = entries[0].get("stamp") if entries else None
+        self.saved = {e["key"]: e["value"] for e in entries[1:] if "key" in e and "value" in e}
 
     def get(self, key: str):
         return self.saved.get(key)
 
     def put(self, key: str, value) -> None:
+        if self.written == 0:
+            write_jsonl(
+                self.path, [{"stamp": self.new_stamp}] + [{"key": k, "value": v} for k, v in self.saved.items()]
+            )
         with open(self.path, "a", encoding="utf-8") as f:
             append_jsonl(f, {"key": key, "value": value})
         self.saved[key] = value

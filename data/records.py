@@ -20,7 +20,7 @@ from pathlib import Path
 from data import DATA_DIR
 from data.cli import COUNT, FINITE, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, option
 from data.dataset import DatasetError, check_keys, check_spans, word_spans
-from data.files import append_jsonl, read_jsonl, remove_stale_temps, sha256, write_jsonl
+from data.files import Journal, append_jsonl, read_jsonl, remove_stale_temps, sha256, write_jsonl
 from data.prompts import POSITIVE_REPLY_START, PipelineError
 
 
@@ -133,8 +133,9 @@ def saved_work(out) -> str:
     """What an interrupted run has saved, and how to go on: for its last message."""
     count = lambda f: sum(1 for line in f.open(encoding="utf-8") if line.strip()) if f.is_file() else 0
     out, journal = Path(out), journal_path(out)
+    batches = max(count(journal) - 1, 0)  # its first line is the stamp
     return (
-        f"{count(out)} records in {out} and {count(journal)} finished batches in {journal} are saved; "
+        f"{count(out)} records in {out} and {batches} finished batches in {journal} are saved; "
         "rerun the same command to continue from them."
     )
 
@@ -155,18 +156,26 @@ class DatasetFile:
         remove_stale_temps(self.path.parent, self.path.name)
         if self.path.exists():
             for _, r in read_jsonl(self.path, PipelineError, "dataset", allow_torn_tail=True):
-                self.check(r)
+                self.check(r.get("provenance", {}).get("settings", {}), self.path)
                 self.done[r["id"]] = r
             write_jsonl(self.path, self.done.values())
 
-    def check(self, record: dict) -> None:
-        old = record.get("provenance", {}).get("settings", {})
-        diff = [k for k in self.settings if old.get(k) != self.settings[k]]
+    def check(self, old: dict, where: Path) -> None:
+        """Stop unless `old` (the settings a record or the journal was written with) are this run's."""
+        diff = [k for k in self.settings if not isinstance(old, dict) or old.get(k) != self.settings[k]]
         if diff:
+            was = old.get(diff[0]) if isinstance(old, dict) else None
             raise PipelineError(
-                f"{self.path}: written with other settings ({diff[0]}: {old.get(diff[0])!r} "
-                f"here {self.settings[diff[0]]!r}); use the same flags to resume, or another --out."
+                f"{where}: written with other settings ({diff[0]}: {was!r} here {self.settings[diff[0]]!r}); "
+                "use the same flags to resume, or another --out."
             )
+
+    def open_journal(self) -> Journal:
+        """The journal of this run's finished batches; one that a run with other settings left is refused."""
+        journal = Journal(self.journal, self.settings, PipelineError)
+        if journal.stamp is not None:
+            self.check(journal.stamp, journal.path)
+        return journal
 
     def pending(self, items: list[dict], chunk_size: int) -> list[tuple[int, list[dict]]]:
         """(start, chunk) for every chunk of `items` with an id not yet in the file.

@@ -29,6 +29,7 @@ import generate
 import ptalign
 import train
 from data.files import TEMP_NAME, remove_stale_temps, temp_path
+from model import CheckpointError
 
 # Fixtures of the other test modules: one intra-op thread, a random one-layer LLaMA with the default
 # model's tokenizer, and the fused loss's PyTorch path (the Triton interpreter takes seconds a step).
@@ -346,6 +347,13 @@ def test_user_error_in_process(case, files, trained_out, capsys, monkeypatch):
 @pytest.mark.parametrize("case", [c for c, v in CASES.items() if v[-1]])
 def test_user_error_as_a_subprocess(case, files, trained_out):
     check_case(case, files, trained_out, run_subprocess)
+
+
+def test_debug_shows_the_traceback(files, monkeypatch):
+    """PTALIGN_DEBUG=1: the error itself, with its traceback, instead of the sentence."""
+    monkeypatch.setenv("PTALIGN_DEBUG", "1")
+    with pytest.raises(CheckpointError, match="config.json: expected a JSON object"):
+        generate.main(["--model", str(files["config_list"]), "--prompt", "hi"])
 
 
 def test_show_prints_a_record_the_gate_dropped(tmp_path, capsys, monkeypatch):

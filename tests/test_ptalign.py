@@ -769,16 +769,21 @@ def test_resume_of_a_finished_run_changes_nothing(run_a, tiny_dir, tmp_path):
 
 def test_interrupted_run_resumes_from_its_journal(run_a, tiny_dir, tmp_path, monkeypatch):
     """Ctrl-C after the 5th batch of model work (questions, judge, responses...): one sentence says
-    what is saved and how to go on. The rerun, even after a kill tore the journal's last line,
-    computes only the batches not saved and ends with the uninterrupted run's file, byte for byte."""
+    what is saved and how to go on. A rerun with other flags is refused and changes nothing; the
+    rerun with the same flags, even after a kill tore the journal's last line, computes only the
+    batches not saved and ends with the uninterrupted run's file, byte for byte."""
     a, err_a, batch_size, n_batches = run_a
     b = tmp_path / "b.jsonl"
     monkeypatch.setenv("PTALIGN_FAIL_AT", "batch 5")
     saved = r"\d+ records in OUT and 5 finished batches in OUT.journal are saved; rerun the same command to continue"
     assert re.fullmatch(f"interrupted; {saved} from them.", generate_cli(tiny_dir, b, batch_size))
+    monkeypatch.delenv("PTALIGN_FAIL_AT")
     with open(journal_path(b), "a") as f:
         f.write('{"key": "0123", "val')  # what a kill in the middle of an append leaves
-    monkeypatch.delenv("PTALIGN_FAIL_AT")
+    before = journal_path(b).read_bytes()
+    other = generate_cli(tiny_dir, b, batch_size, rounds=2)
+    assert re.fullmatch(r"error: OUT(.journal)?: written with other settings \(rounds: 1 here 2\); .*", other)
+    assert journal_path(b).read_bytes() == before
     with computed_batches() as batches:
         assert generate_cli(tiny_dir, b, batch_size) == err_a
     assert len(batches) == n_batches - 5
