@@ -526,7 +526,7 @@ def write_safetensors(path: Path, specs: dict, tensors, max_shard_size: int) -> 
         with open(path / fname, "wb") as f:
             f.write(safetensors_header({n: specs[n] for n in names}, sizes))
             for name in names:
-                t = next(tensors).to(specs[name][0]).contiguous()
+                t = next(tensors).detach().to(specs[name][0]).contiguous()
                 if tuple(t.shape) != tuple(specs[name][1]):
                     raise ValueError(f"{name}: got shape {tuple(t.shape)}, its spec says {specs[name][1]}.")
                 f.write(t.reshape(-1).view(torch.uint8).numpy().data)

@@ -672,8 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     distributed.init()  # under torchrun: generate and eval split their work over the processes
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             run_generate(GenerateConfig(**{f.name: getattr(args, f.name) for f in fields(GenerateConfig)}))

@@ -134,8 +134,9 @@ def load_checkpoint(model, optimizer, fingerprint: dict, out: Path, device) -> i
     for key, value in fingerprint.items():
         old = state["fingerprint"].get(key)
         if old != value:
+            rows = " (a micro-batch's rows over all processes: --batch-size x processes)" if key == "batch_size" else ""
             raise TrainError(
-                f"{ckpt}: written with {key}={old!r}, this run has {key}={value!r}; "
+                f"{ckpt}: written with {key}={old!r}, this run has {key}={value!r}{rows}; "
                 "resume with the same settings, or use another --out."
             )
     if state.get("sharded"):  # written under torchrun, by any number of processes
@@ -433,9 +434,8 @@ def run(cfg: TrainConfig) -> dict:
         torch.cuda.empty_cache()  # the inference copy's memory goes back before the master weights load
 
     examples = training_examples(records, tok, cfg, data_path)
-    # Under torchrun --batch-size counts one process's rows: a micro-batch then holds that many
-    # per process, cut from one global order of micro-batches (the order a single process with
-    # that many rows uses), so a checkpoint resumes on any number of processes.
+    # Under torchrun --batch-size counts one process's rows: each rank takes its share of one global
+    # order of micro-batches (a single process's, with that many rows), resumable on any number of them.
     every_rank = replace(cfg, batch_size=cfg.batch_size * distributed.world())
     with stage("training", "dual instruction tuning"):
         train(every_rank, examples, tok, model_path, fingerprint(every_rank, model_path, data_path), out)
@@ -456,8 +456,8 @@ ERRORS = (DatasetError, CheckpointError, TokenizerError, DefaultModelError, ptal
 
 
 def main(argv=None) -> dict:
-    cfg = parse_args(argv)
     distributed.init()  # under torchrun: join the other processes (distributed.py); else nothing
+    cfg = parse_args(argv)
     try:
         return run(cfg)
     except ERRORS as err:

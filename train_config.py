@@ -70,7 +70,7 @@ class TrainConfig:
     max_steps: int | None = option(
         None, "stop after this many optimizer steps (the schedule ends there too); default: the epochs' end"
     )
-    batch_size: int = machine(4, 4, "examples per micro-batch")
+    batch_size: int = machine(4, 4, "examples per micro-batch (per process under torchrun)")
     grad_accum: int = machine(1, 8, "micro-batches per optimizer step")
     lr: float = machine(
         5e-5, 1e-5, f"peak learning rate; default: the preset's, for LoRA{presets_note(LORA_LR)} or full fine-tuning"

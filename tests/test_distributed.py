@@ -62,7 +62,7 @@ def assert_same_run(a, b) -> None:
     """Two runs' losses per step and final weights, equal up to fp32 summation order."""
     assert [m["step"] for m in steps_of(a)] == [m["step"] for m in steps_of(b)] == [1, 2, 3, 4]
     for x, y in zip(steps_of(a), steps_of(b)):
-        assert (x["n_mle"], x["n_ut"], x["tokens"]) == (y["n_mle"], y["n_ut"], y["tokens"])
+        assert (x["n_mle"], x["n_ut"]) == (y["n_mle"], y["n_ut"])
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-8)
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
@@ -97,9 +97,13 @@ def test_fsdp_two_processes_equal_one_and_final_loads_in_transformers(tiny_dir, 
     assert (final / "tokenizer.json").is_file() and not list(tmp_path.glob(".*tmp*"))
 
 
-def test_lora_two_processes_equal_one(tiny_dir, data4, tmp_path):
-    run_train(tiny_dir, data4, tmp_path / "one", *TRAIN, "--batch-size", "4", "--lora-rank", "4")
-    result = train_two(tiny_dir, data4, tmp_path / "two", "--lora-rank", "4")
+def test_lora_two_processes_equal_one(tiny_dir, tmp_path):
+    """LoRA on 5 examples: each epoch's second micro-batch has one row, so rank 0 has none (it
+    runs a row with no target, since every rank joins every collective)."""
+    anchor = {"id": "a0", "kind": "anchor", "question": "What soup is easy?", "positive": "Tomato soup is easy."}
+    data = test_train.write_jsonl(tmp_path / "d5.jsonl", [*test_train.RECORDS[:2], anchor])
+    run_train(tiny_dir, data, tmp_path / "one", *TRAIN, "--batch-size", "4", "--lora-rank", "4")
+    result = train_two(tiny_dir, data, tmp_path / "two", "--lora-rank", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(tmp_path / "one", tmp_path / "two")
     before, after = load_file(tiny_dir / "model.safetensors"), weights(tmp_path / "two")
