@@ -26,6 +26,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import distributed
 from data import DATA_DIR
 from data.cli import POSITIVE
 from data.dataset import locate, merge_spans, spans_to_token_mask, word_spans
@@ -89,17 +90,19 @@ def evaluate(
     """
     t0 = time.perf_counter()
     gen = GenSettings(max_new_tokens, 0.0, 1.0, batch_size)
+    # Under torchrun each rank takes whole batches of each list, and every rank gets all results.
+    split = partial(distributed.map_batches, batch_size=batch_size)
     log(f"  eval: {len(harmful)} harmful and {len(benign)} benign prompts, greedy, {max_new_tokens} new tokens")
     replies = {}
     for name, prompts in (("harmful", harmful), ("benign", benign)):
-        replies[name] = chat(model, tok, [r["prompt"] for r in prompts], gen, 0, greedy=True)
+        replies[name] = split(lambda ps: chat(model, tok, ps, gen, 0, greedy=True), [r["prompt"] for r in prompts])
         log(f"  eval: {name} replies done ({time.perf_counter() - t0:.0f} s)")
     refused = {name: [is_refusal(x) for x in xs] for name, xs in replies.items()}
-    judge = judge_harm(
-        model, tok, [r["prompt"] for r in harmful], replies["harmful"], load_seeds().exemplars, batch_size
-    )
+    exemplars = load_seeds().exemplars
+    judge_fn = lambda qs, rs: judge_harm(model, tok, qs, rs, exemplars, batch_size)
+    judge = split(judge_fn, [r["prompt"] for r in harmful], replies["harmful"])
     refs = [(r["prompt"], r["reference"]) for r in benign if r.get("reference")]
-    ref_lp = response_logprob(model, tok, refs, batch_size) if refs else []
+    ref_lp = split(lambda pairs: response_logprob(model, tok, pairs, batch_size), refs) if refs else []
     report = rates(benign, refused, judge) | {
         "benign_reference_logprob": mean([float(lp.mean()) for lp in ref_lp]),
         "n_harmful": len(harmful),
@@ -142,8 +145,9 @@ def rates(benign, refused: dict, judge: list[float]) -> dict:
 def margins(model, tok, dataset, batch_size: int) -> dict:
     """On a dual dataset's kept records: log p(positive) - log p(toxic), and p under the harmful spans."""
     kept = [r for r in dataset if r.get("kept", True) and r.get("spans")]
-    pos = response_logprob(model, tok, [(r["question"], r["positive"]) for r in kept], batch_size)
-    tox = response_logprob(model, tok, [(r["question"], r["toxic"]) for r in kept], batch_size)
+    logprobs = lambda pairs: response_logprob(model, tok, pairs, batch_size)
+    pos = distributed.map_batches(logprobs, [(r["question"], r["positive"]) for r in kept], batch_size=batch_size)
+    tox = distributed.map_batches(logprobs, [(r["question"], r["toxic"]) for r in kept], batch_size=batch_size)
     return {
         "pair_logprob_margin": mean([float(p.sum() - t.sum()) for p, t in zip(pos, tox)]),
         "masked_token_p": mean(masked_token_probs(tok, kept, tox)),
@@ -216,9 +220,9 @@ def run_eval(args) -> dict:
     report["model"] = model_name(args)
     print(report_table({report["model"]: report}))
     eprint(f"[evaluation took {report['seconds']:.0f} s]")
-    if args.out:
+    if args.out and distributed.is_main():
         write_json(args.out, report)
-    if args.png:
+    if args.png and distributed.is_main():
         bar_chart({report["model"]: report}, args.png)
     return report
 

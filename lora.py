@@ -29,16 +29,26 @@ class LoRALinear(nn.Module):
         # The adapters are the weights being trained, so they stay fp32 even on a bf16 base.
         kw = dict(device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))  # B = 0: starts as the base model
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, **kw))
+        init_adapter(self.lora_A, self.lora_B)
 
     def forward(self, x):
         return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
     def merged_weight(self) -> torch.Tensor:
-        """W + scale B A, added in fp32 and returned in W's dtype."""
-        w = self.base.weight
-        return (w.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())).to(w.dtype)
+        return merge(self.base.weight, self.lora_A, self.lora_B, self.scale)
+
+
+def init_adapter(lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    """A as nn.Linear initialises a weight, B = 0: the adapted model starts as the base model."""
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        lora_B.zero_()
+
+
+def merge(w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale B A, added in fp32 and returned in W's dtype."""
+    return (w.float() + scale * (lora_B.float() @ lora_A.float())).to(w.dtype)
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float) -> None:
@@ -48,6 +58,13 @@ def add_lora(model: nn.Module, rank: int, alpha: float) -> None:
         for name in LORA_TARGETS:
             if isinstance(getattr(parent, name, None), nn.Linear):
                 setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
+
+
+def base_parameter(model: nn.Module, name: str) -> nn.Parameter:
+    """The parameter a checkpoint's name refers to; in an adapted projection, its frozen base weight."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    return getattr(module.base if isinstance(module, LoRALinear) else module, attr)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[nn.Module, str, LoRALinear]]:

@@ -13,6 +13,7 @@ Where the families differ is data, not code: `ModelConfig` fields (`qkv_bias`,
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -392,42 +393,41 @@ class Transformer(nn.Module):
         Tensors are memory-mapped and converted one at a time into the requested dtype and
         device, so peak memory is about one copy of the model.
         """
-        path = Path(path)
-        hf = read_config(path)
-        cfg = ModelConfig.from_hf(hf, str(path / "config.json"))
-        if dtype is None:
-            dtype = getattr(torch, str(hf.get("torch_dtype") or hf.get("dtype") or "float32"))
-        with torch.device("meta"):
-            model = cls(cfg, hf)
-        expected = {name: p for name, p in model.named_parameters()}
-        state = {}
-        for name, tensor, file in iter_checkpoint_tensors(path):
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            if name == "lm_head.weight" and cfg.tie_embeddings:
-                continue  # some tied checkpoints still carry a copy; the embedding is what counts
-            ours = name.removeprefix("model.")
-            if ours not in expected:
-                raise CheckpointError(f"{file}: unexpected tensor {name!r} for {cfg.architecture}.")
-            if tuple(tensor.shape) != tuple(expected[ours].shape):
-                raise CheckpointError(
-                    f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(expected[ours].shape)} from config.json."
-                )
-            state[ours] = tensor.to(device=device, dtype=dtype)
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            hf_name = missing[0] if missing[0].startswith("lm_head") else "model." + missing[0]
-            raise CheckpointError(
-                f"{path}: tensor {hf_name!r} is missing from the checkpoint ({len(missing)} missing in all)."
-            )
+        model = cls.empty(path)
+        dtype = dtype or model.checkpoint_dtype
+        shapes = {name: p.shape for name, p in model.named_parameters()}
+        state = {
+            name: t.to(device=device, dtype=dtype)
+            for name, t in checkpoint_state(model.source_dir, shapes, model.config.architecture)
+        }
         model.load_state_dict(state, assign=True)
-        model.inv_freq = rope_inv_freq(cfg).to(device)
-        model.source_dir = path
+        model.inv_freq = rope_inv_freq(model.config).to(device)
         return model.eval()
 
+    @classmethod
+    def empty(cls, path) -> Transformer:
+        """The model a checkpoint's config.json describes, on the meta device: every shape, no weight."""
+        path = Path(path)
+        hf = read_config(path)
+        with torch.device("meta"):
+            model = cls(ModelConfig.from_hf(hf, str(path / "config.json")), hf)
+        model.source_dir = path
+        return model
+
+    @property
+    def checkpoint_dtype(self) -> torch.dtype:
+        """The dtype config.json names (`torch_dtype` or `dtype`; float32 when it names none)."""
+        return getattr(torch, str(self.hf_config.get("torch_dtype") or self.hf_config.get("dtype") or "float32"))
+
     def save_pretrained(self, path, max_shard_size: int = 5 * 2**30):
-        """Write config.json and safetensors (sharded above max_shard_size bytes) that transformers loads.
+        """Write config.json and safetensors (sharded above max_shard_size bytes) that transformers loads."""
+        params = list(self.named_parameters())
+        specs = {hf_name(n): (p.dtype, tuple(p.shape)) for n, p in params}
+        self.write_checkpoint(path, specs, (p.detach().cpu() for _, p in params), max_shard_size)
+
+    def write_checkpoint(self, path, specs: dict, tensors, max_shard_size: int = 5 * 2**30) -> None:
+        """A checkpoint directory of these weights: specs {HF name: (dtype, shape)}, tensors each of them
+        in that order (see write_safetensors).
 
         Tokenizer and generation files of the checkpoint this model came from are copied
         along, so the directory is a complete model. Written into a temporary directory
@@ -438,16 +438,11 @@ class Transformer(nn.Module):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)  # with the user's umask, like every file in it
         try:
-            dtype = self.embed_tokens.weight.dtype
             hf = dict(self.hf_config)
             dtype_key = "dtype" if "dtype" in hf else "torch_dtype"
-            hf[dtype_key] = str(dtype).removeprefix("torch.")
+            hf[dtype_key] = str(specs["model.embed_tokens.weight"][0]).removeprefix("torch.")
             write_json(tmp / "config.json", hf, sort_keys=True)
-            tensors = {
-                ("" if n.startswith("lm_head") else "model.") + n: p.detach().contiguous().cpu()
-                for n, p in self.named_parameters()
-            }
-            write_safetensors(tmp, tensors, max_shard_size)
+            write_safetensors(tmp, specs, tensors, max_shard_size)
             if self.source_dir is not None:
                 for name in AUX_FILES:
                     if (self.source_dir / name).is_file():
@@ -458,6 +453,39 @@ class Transformer(nn.Module):
             replace_dir(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def hf_name(name: str) -> str:
+    """A parameter's name in a Hugging Face checkpoint: under `model.`, except the output projection."""
+    return name if name.startswith("lm_head") else "model." + name
+
+
+def checkpoint_state(path: Path, shapes: dict, architecture: str):
+    """(our parameter name, tensor) for each weight of the checkpoint at path, checked against the
+    model's parameter shapes {name: shape}: no tensor unexpected, none of another shape, none missing.
+    Memory-mapped, one tensor at a time."""
+    tied = "lm_head.weight" not in shapes
+    seen = set()
+    for name, tensor, file in iter_checkpoint_tensors(path):
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name == "lm_head.weight" and tied:
+            continue  # some tied checkpoints still carry a copy; the embedding is what counts
+        ours = name.removeprefix("model.")
+        if ours not in shapes:
+            raise CheckpointError(f"{file}: unexpected tensor {name!r} for {architecture}.")
+        if tuple(tensor.shape) != tuple(shapes[ours]):
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(shapes[ours])} from config.json."
+            )
+        seen.add(ours)
+        yield ours, tensor
+    missing = sorted(set(shapes) - seen)
+    if missing:
+        raise CheckpointError(
+            f"{path}: tensor {hf_name(missing[0])!r} is missing from the checkpoint ({len(missing)} missing in all)."
+        )
 
 
 # Files of a checkpoint that are not weights but make it usable: copied by save_pretrained.
@@ -471,29 +499,62 @@ AUX_FILES = (
 )
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], max_shard_size: int) -> None:
-    """model.safetensors, or shards of at most max_shard_size bytes and the index naming them."""
-    from safetensors.torch import save_file
+# safetensors' names of the dtypes a checkpoint is written in.
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
+
+def write_safetensors(path: Path, specs: dict, tensors, max_shard_size: int) -> None:
+    """model.safetensors, or shards of at most max_shard_size bytes and the index naming them,
+    written one tensor at a time.
+
+    specs: {name: (dtype, shape)} of every tensor, in order; tensors: an iterable giving each
+    of them in that order (converted to its dtype, moved to the CPU). Every byte offset follows
+    from the specs, so a file's header is written first and each tensor goes to disk as it
+    arrives: a model gathered from shards one weight at a time is never whole in memory.
+    """
+    sizes = {n: math.prod(shape) * dtype.itemsize for n, (dtype, shape) in specs.items()}
     shards, size = [[]], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    for name, nbytes in sizes.items():
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += nbytes
-    if len(shards) == 1:
-        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, names in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensors[n] for n in names}, path / fname, metadata={"format": "pt"})
-        weight_map.update({n: fname for n in names})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    write_json(path / "model.safetensors.index.json", index, sort_keys=True)
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    tensors = iter(tensors)
+    for fname, names in zip(files, shards):
+        with open(path / fname, "wb") as f:
+            f.write(safetensors_header({n: specs[n] for n in names}, sizes))
+            for name in names:
+                t = next(tensors).detach().to(specs[name][0]).contiguous()
+                if tuple(t.shape) != tuple(specs[name][1]):
+                    raise ValueError(f"{name}: got shape {tuple(t.shape)}, its spec says {specs[name][1]}.")
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    if len(shards) > 1:
+        weight_map = {n: fname for fname, names in zip(files, shards) for n in names}
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        write_json(path / "model.safetensors.index.json", index, sort_keys=True)
+
+
+def safetensors_header(specs: dict, sizes: dict) -> bytes:
+    """The header of a safetensors file holding these tensors back to back, in order: its length
+    (8 bytes, little-endian), then JSON naming each tensor's dtype, shape and byte range, padded
+    with spaces to a multiple of 8 bytes as the format's own writer does."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, (dtype, shape) in specs.items():
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + sizes[name]],
+        }
+        offset += sizes[name]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
 
 
 def read_config(path: Path) -> dict:

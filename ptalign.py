@@ -39,7 +39,9 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from functools import partial
 
+import distributed
 from data.cli import POSITIVE, Parser, add_flags
 from data.dataset import locate, merge_spans, word_spans
 from data.errors import one_line_errors
@@ -597,7 +599,9 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     """
     seeds = load_seeds(cfg.seeds)
     dataset = DatasetFile(cfg.out, settings_of(cfg))  # other flags than the file's: refused before any model loads
-    journal = dataset.open_journal()  # (and than its journal's)
+    # (and than its journal's); under torchrun only rank 0 journals: another rank loses at most its chunk
+    journal = dataset.open_journal() if distributed.is_main() else None
+    distributed.barrier()  # every rank has read the file before rank 0 appends to it
     eprint(
         f"PT-ALIGN generate: {seeds.count()} seed annotations, {cfg.questions} questions, {cfg.rounds} rounds, "
         f"{cfg.anchors} anchor questions -> {dataset.path}"
@@ -610,7 +614,8 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
             summary = generate_records(model, tok, seeds, cfg, dataset)
     else:  # finished before: nothing to recompute (the settings were checked above)
         summary = summarize(list(dataset.done.values()))
-    journal.remove()  # the file is complete: its batches are not needed any more
+    if journal:
+        journal.remove()  # the file is complete: its batches are not needed any more
     return report_summary(summary, dataset.path)
 
 
@@ -619,17 +624,21 @@ def generate_records(model, tok, seeds: Seeds, cfg: GenerateConfig, dataset: Dat
     questions, then every chunk of records; returns the summary of the file."""
     gen = GenSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
     t_start = time.perf_counter()
+    # Under torchrun what every rank must agree on is drawn by rank 0 and handed to all (distributed.py).
     if cfg.judge_calibration:
-        cfg = replace(cfg, judge_threshold=calibrate_judge(model, tok, seeds, gen.batch_size))
+        threshold = distributed.from_main(lambda: calibrate_judge(model, tok, seeds, gen.batch_size))
+        cfg = replace(cfg, judge_threshold=threshold)
         eprint(f"  self-check threshold, calibrated on the {len(seeds.exemplars)} exemplars: {cfg.judge_threshold}")
-    questions, qstats = generate_questions(
-        model, tok, seeds, cfg.questions, gen, cfg.seed, cfg.dedup_threshold, log=eprint
+    questions, qstats = distributed.from_main(
+        lambda: generate_questions(model, tok, seeds, cfg.questions, gen, cfg.seed, cfg.dedup_threshold, log=eprint)
     )
     anchors, astats = [], {}
     if cfg.anchors:
-        anchors, astats = generate_benign_questions(model, tok, seeds, cfg.anchors, gen, cfg.seed, cfg.dedup_threshold)
+        anchors, astats = distributed.from_main(
+            lambda: generate_benign_questions(model, tok, seeds, cfg.anchors, gen, cfg.seed, cfg.dedup_threshold)
+        )
     write_chunks(model, tok, seeds, cfg, gen, dataset, questions, anchors)
-    summary = summarize(dataset.records(questions + anchors), qstats, astats)
+    summary = distributed.from_main(lambda: summarize(dataset.records(questions + anchors), qstats, astats))
     return summary | dict(
         seconds=round(time.perf_counter() - t_start, 1),
         generated_tokens=gen.tally.tokens,
@@ -640,19 +649,28 @@ def generate_records(model, tok, seeds: Seeds, cfg: GenerateConfig, dataset: Dat
 
 def write_chunks(model, tok, seeds, cfg: GenerateConfig, gen: GenSettings, dataset, questions, anchors) -> None:
     """Run the method on every chunk of questions not yet written, then answer the anchor
-    questions, appending each chunk's records as it is done (the resume points)."""
+    questions, appending each chunk's records as it is done (the resume points).
+
+    Under torchrun the chunks are dealt out to the ranks and rank 0 appends them in order: a
+    chunk's samples depend only on its questions and its start (its seeds), so the file is the
+    one a single process writes."""
     todo = dataset.pending(questions, cfg.batch_size)
     anchor_todo = dataset.pending(anchors, cfg.batch_size)
     per_chunk = STAGE_COST["responses"] + cfg.rounds * STAGE_COST["round"] + STAGE_COST["spans"]
     work = len(todo) * per_chunk + len(anchor_todo) * STAGE_COST["anchor"]
     meter = Meter(work, len(questions) + len(anchors), gen.tally, len(dataset.records(questions + anchors)))
-    for start, chunk in todo:
-        name = f"chunk {start // cfg.batch_size + 1}/{math.ceil(len(questions) / cfg.batch_size)}"
-        step = lambda stage, label, n=0, name=name: eprint(meter.step(f"{name}: {label}", STAGE_COST[stage], n))
-        written = dataset.append(method_on_chunk(model, tok, seeds, cfg, gen, chunk, start, step))
-        step("spans", "self-check, spans", written)
-    for start, chunk in anchor_todo:
-        written = dataset.append(helpful_answers(model, tok, [dict(a) for a in chunk], gen, (cfg.seed, start)))
+    name = lambda start: f"chunk {start // cfg.batch_size + 1}/{math.ceil(len(questions) / cfg.batch_size)}"
+    step = lambda start, stage, label, n=0: eprint(meter.step(f"{name(start)}: {label}", STAGE_COST[stage], n))
+    dual = lambda job: method_on_chunk(model, tok, seeds, cfg, gen, job[1], job[0], partial(step, job[0]))
+    for (start, _), records, here in distributed.in_turns(todo, dual):
+        written = dataset.append(records)
+        if here:
+            step(start, "spans", "self-check, spans", written)
+        else:  # computed by another rank: all of its work arrives at once
+            eprint(meter.step(f"{name(start)}: from another rank", per_chunk, written))
+    answers = lambda job: helpful_answers(model, tok, [dict(a) for a in job[1]], gen, (cfg.seed, job[0]))
+    for (start, chunk), records, _ in distributed.in_turns(anchor_todo, answers):
+        written = dataset.append(records)
         eprint(meter.step(f"anchor answers {start + len(chunk)}/{len(anchors)}", STAGE_COST["anchor"], written))
 
 
@@ -683,6 +701,7 @@ def interrupted(args) -> str:
 
 
 def main(argv=None):
+    distributed.init()  # under torchrun: generate and eval split their work over the processes
     args = build_parser().parse_args(argv)
     with one_line_errors(lambda: interrupted(args)):
         for flag in ("out", "png"):  # every output path, checked before any model loads

@@ -24,11 +24,12 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+import distributed
 import evaluation
 import ptalign
 from data import Tokenizer, default_model_path
@@ -123,16 +124,18 @@ def save_model(model, path) -> None:
 def save_checkpoint(model, optimizer, step: int, cfg: TrainConfig, fingerprint: dict, out: Path) -> None:
     """OUT/ckpt: the weights (save_pretrained), trainer_state.pt and the run's train_config.json,
     built in a temporary directory and renamed into place only when complete, so a crash never
-    leaves half of one."""
+    leaves half of one. Under torchrun: sharded, in torch.distributed.checkpoint's format (distributed.py)."""
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    state = {"step": step, "rng": rng, "config": asdict(cfg), "fingerprint": fingerprint}
+    if distributed.active():
+        return distributed.save_checkpoint(model, optimizer, state, out)
     tmp = temp_path(out / "ckpt")
     try:
         save_model(model, tmp)
         write_json(tmp / "train_config.json", asdict(cfg))
         lora = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
-        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-        rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        state = {"step": step, "optimizer": optimizer.state_dict(), "lora": lora, "rng": rng, "config": asdict(cfg)}
-        torch.save(state | {"fingerprint": fingerprint}, tmp / "trainer_state.pt")
+        torch.save(state | {"optimizer": optimizer.state_dict(), "lora": lora}, tmp / "trainer_state.pt")
         replace_dir(tmp, out / "ckpt")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save leaves nothing (a kill: start-up cleanup)
@@ -148,18 +151,24 @@ def load_checkpoint(model, optimizer, fingerprint: dict, out: Path, device) -> i
     for key, value in fingerprint.items():
         old = state["fingerprint"].get(key)
         if old != value:
+            rows = " (a micro-batch's rows over all processes: --batch-size x processes)" if key == "batch_size" else ""
             raise TrainError(
-                f"{ckpt}: written with {key}={old!r}, this run has {key}={value!r}; "
+                f"{ckpt}: written with {key}={old!r}, this run has {key}={value!r}{rows}; "
                 "resume with the same settings, or use another --out."
             )
-    if state["lora"]:
+    if state.get("sharded"):  # written under torchrun, by any number of processes
+        distributed.load_checkpoint(model, optimizer, ckpt)
+    elif distributed.active():
+        raise TrainError(f"{ckpt}: written by one process (python train.py); resume it the same way.")
+    elif state["lora"]:
         model.load_state_dict(state["lora"], strict=False)
     else:  # full fine-tuning: the weights are the checkpoint's safetensors, in the master dtype
         ours = dict(model.named_parameters())
         with torch.no_grad():
             for name, tensor, _ in iter_checkpoint_tensors(ckpt):  # memory-mapped, one at a time
                 ours[name.removeprefix("model.")].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
+    if not state.get("sharded"):
+        optimizer.load_state_dict(state["optimizer"])
     random.setstate(state["rng"]["python"])
     torch.set_rng_state(state["rng"]["torch"].cpu())
     if state["rng"]["cuda"]:
@@ -248,7 +257,8 @@ def evaluate(model, tok, records, cfg: TrainConfig, run: dict, path: Path) -> di
         model, tok, harmful, benign, dataset=records, max_new_tokens=cfg.eval_max_new_tokens, log=log
     )
     report["run"] = run
-    write_json(path, report)
+    if distributed.is_main():
+        write_json(path, report)
     return report
 
 
@@ -269,9 +279,13 @@ def setup(cfg: TrainConfig, model_path, device):
     # often below bf16's resolution (2^-8 relative) and would be rounded away. Under LoRA the
     # base weights never change, so they may stay bf16; the adapters are fp32.
     base_dtype = torch.bfloat16 if cfg.precision == "bf16" and cfg.lora_rank else torch.float32
-    model = Transformer.from_pretrained(model_path, dtype=base_dtype, device=device)
-    if cfg.lora_rank:
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    adapters = (lambda m: add_lora(m, cfg.lora_rank, cfg.lora_alpha)) if cfg.lora_rank else None
+    if distributed.active():  # sharded over the ranks (FSDP2) as it loads
+        model = distributed.load_sharded(model_path, base_dtype, device, cfg.precision, adapters)
+    else:
+        model = Transformer.from_pretrained(model_path, dtype=base_dtype, device=device)
+        if adapters:
+            adapters(model)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -298,6 +312,8 @@ def train_step(model, params, optimizer, micro, cfg: TrainConfig, lr: float, dev
     raises TrainError (naming the parts) before the update."""
     n_mle = sum(int(((t != IGNORE) & ~u).sum()) for _, t, u in micro)  # counted on the CPU
     n_ut = sum(int(((t != IGNORE) & u).sum()) for _, t, u in micro)
+    tokens = sum(ids.numel() for ids, _, _ in micro)
+    n_mle, n_ut, tokens = distributed.sum_counts(n_mle, n_ut, tokens)  # over all ranks' rows, under torchrun
     w_mle, alpha_eff = 1 / max(n_mle, 1), cfg.alpha * max(n_mle, 1) / max(n_ut, 1)
     t0 = time.perf_counter()
     sums = torch.zeros(3, device=device)  # loss, sum of MLE -log p, sum of UT -log(1 - p)
@@ -305,11 +321,12 @@ def train_step(model, params, optimizer, micro, cfg: TrainConfig, lr: float, dev
         loss, parts = micro_batch_loss(model, ids, targets, ut, w_mle, alpha_eff, device, cfg.precision)
         loss.backward()
         sums += torch.stack([loss.detach(), parts.mle * parts.n_mle, parts.ut * parts.n_ut])
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    # One host sync per step, before the update: a non-finite loss must never reach the weights.
-    loss_v, mle_sum, ut_sum, norm_v = torch.cat([sums, grad_norm.reshape(1).float()]).tolist()
+    grad_norm = distributed.clip_grad_norm_(params, cfg.grad_clip)
+    # One host sync per step, before the update: a non-finite loss must never reach the weights
+    # (nor, summed over the ranks first, any rank's weights).
+    loss_v, mle_sum, ut_sum, norm_v = torch.cat([distributed.all_sum(sums), grad_norm.reshape(1).float()]).tolist()
     m = dict(loss=loss_v, mle=mle_sum / max(n_mle, 1), ut=ut_sum / max(n_ut, 1), n_mle=n_mle, n_ut=n_ut, lr=lr)
-    m |= dict(grad_norm=norm_v, tokens=sum(ids.numel() for ids, _, _ in micro))
+    m |= dict(grad_norm=norm_v, tokens=tokens)
     if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
         raise TrainError(f"mle={m['mle']:.4g}, ut={m['ut']:.4g}, grad norm={norm_v:.4g}")
     for g in optimizer.param_groups:
@@ -325,8 +342,9 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
     model, params, optimizer = setup(cfg, model_path, device)
     steps_per_epoch, total, warmup = schedule(cfg, len(examples))
     start = starting_step(cfg, model, optimizer, fingerprint, out, device, total)
-    write_json(out / "train_config.json", asdict(cfg))  # only now: a refused run leaves the last one's in place
-    history = metrics_until(out / "metrics.jsonl", start)
+    if distributed.is_main():
+        write_json(out / "train_config.json", asdict(cfg))  # only now: a refused run leaves the last one's in place
+    history = metrics_until(out / "metrics.jsonl", start) if distributed.is_main() else []
     kind = f"LoRA r={cfg.lora_rank}" if cfg.lora_rank else "full"
     log(
         f"training: {len(examples)} examples, {total} steps of {cfg.batch_size}x{cfg.grad_accum}, "
@@ -337,7 +355,7 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
         epoch, k = divmod(step, steps_per_epoch)
         if epoch not in epoch_batches:  # the order is a function of (seed, epoch) alone: resumable
             epoch_batches = {epoch: list(batches(examples, cfg.batch_size, cfg.seed, epoch, tok.pad_id))}
-        micro = epoch_batches[epoch][k * cfg.grad_accum : (k + 1) * cfg.grad_accum]
+        micro = distributed.my_rows(epoch_batches[epoch][k * cfg.grad_accum : (k + 1) * cfg.grad_accum])
         try:
             m = train_step(model, params, optimizer, micro, cfg, lr_at(step, total, warmup, cfg.lr), device)
         except TrainError as err:
@@ -347,8 +365,9 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
                 f"{kept if last_saved else 'no checkpoint had been saved yet'}. Try a lower --lr, or --precision fp32."
             ) from None
         history.append(m := {"step": step + 1, "epoch": epoch, **m})
-        with open(out / "metrics.jsonl", "a") as f:
-            append_jsonl(f, m)
+        if distributed.is_main():
+            with open(out / "metrics.jsonl", "a") as f:
+                append_jsonl(f, m)
         progress.update(m)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_checkpoint(model, optimizer, step + 1, cfg, fingerprint, out)
@@ -361,8 +380,11 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
 
 def finish(model, history: list[dict], out: Path) -> None:
     """OUT/final in the source checkpoint's dtype (a bf16 8B model stays 16 GB), the loss summary and OUT/loss.png."""
-    model.to(getattr(torch, str(model.hf_config.get("torch_dtype") or model.hf_config.get("dtype")), torch.float32))
-    save_model(model, out / "final")
+    if distributed.active():  # gathered a weight at a time, written by rank 0
+        distributed.save_pretrained(model, out / "final", model.checkpoint_dtype)
+    else:
+        model.to(model.checkpoint_dtype)
+        save_model(model, out / "final")
     if history:
         first, last = history[0], history[-1]
         log(
@@ -406,7 +428,10 @@ def run(cfg: TrainConfig) -> dict:
     """Dataset, evaluation before, training, evaluation after; returns the two reports."""
     out = Path(cfg.out)
     check_output_dir(out, "--out")  # before any work, not after it
-    remove_stale_temps(out)  # what a run killed while saving left
+    if distributed.is_main():
+        remove_stale_temps(out)  # what a run killed while saving left
+        shutil.rmtree(out / distributed.SHARDED_TMP, ignore_errors=True)  # one name for all ranks: no pid in it
+    distributed.barrier()
     model_path = Path(cfg.model) if cfg.model else default_model_path()
     tok = Tokenizer.from_pretrained(model_path)
     device = torch.device(cfg.device)
@@ -429,8 +454,11 @@ def run(cfg: TrainConfig) -> dict:
         torch.cuda.empty_cache()  # the inference copy's memory goes back before the master weights load
 
     examples = training_examples(records, tok, cfg, data_path)
+    # Under torchrun --batch-size counts one process's rows: each rank takes its share of one global
+    # order of micro-batches (a single process's, with that many rows), resumable on any number of them.
+    every_rank = replace(cfg, batch_size=cfg.batch_size * distributed.world())
     with stage("training", "dual instruction tuning"):
-        train(cfg, examples, tok, model_path, fingerprint(cfg, model_path, data_path), out)
+        train(every_rank, examples, tok, model_path, fingerprint(every_rank, model_path, data_path), out)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if not cfg.skip_eval:
@@ -438,7 +466,8 @@ def run(cfg: TrainConfig) -> dict:
             final = {**eval_run, "model": str(out / "final")}
             reports["after"] = evaluate(load(out / "final"), tok, records, cfg, final, out / "eval_after.json")
         print(evaluation.report_table(reports))
-        evaluation.bar_chart(reports, out / "eval.png")
+        if distributed.is_main():
+            evaluation.bar_chart(reports, out / "eval.png")
     return reports
 
 
@@ -451,6 +480,7 @@ def interrupted(out: Path) -> str:
 
 
 def main(argv=None) -> dict:
+    distributed.init()  # under torchrun: join the other processes (distributed.py); else nothing
     cfg = parse_args(argv)
     with one_line_errors(lambda: interrupted(Path(cfg.out))):
         return run(cfg)

@@ -73,7 +73,7 @@ class TrainConfig:
         "stop after this many optimizer steps (the schedule ends there too); default: the epochs' end",
         type=POSITIVE,
     )
-    batch_size: int = machine(4, 4, "examples per micro-batch", type=POSITIVE)
+    batch_size: int = machine(4, 4, "examples per micro-batch (per process under torchrun)", type=POSITIVE)
     grad_accum: int = machine(1, 8, "micro-batches per optimizer step", type=POSITIVE)
     lr: float = machine(
         5e-5,

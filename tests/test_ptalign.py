@@ -655,15 +655,9 @@ def question_from_reply(reply: str) -> str:
     return "Why would " + " ".join(f"w{(h >> (6 * i)) % 4099}" for i in range(5)) + "?"
 
 
-def generate_cli(model_dir, out, batch_size, rounds=1, extra=(), **patches) -> str | None:
-    """`python ptalign.py generate ...` through main(); returns the error it exits with, or None.
-
-    A random model never writes a usable question, so clean_question is replaced by one that
-    turns any reply into a question (the sampled text still decides which one). Its samples
-    are all dropped by the self-check, so a run may end with "no usable record" after writing
-    every record; that is the only error it may end with. patches: more ptalign attributes to replace.
-    """
-    argv = [
+def generate_argv(model_dir, out, batch_size, rounds=1, extra=()) -> list[str]:
+    """`ptalign.py generate` on a random model: 2 questions, short replies, every toxic word marked."""
+    return [
         "generate",
         "--model",
         str(model_dir),
@@ -684,12 +678,22 @@ def generate_cli(model_dir, out, batch_size, rounds=1, extra=(), **patches) -> s
         "both",
         *(extra or ("--request-threshold", "0", "--anchors", "0")),
     ]
+
+
+def generate_cli(model_dir, out, batch_size, rounds=1, extra=(), **patches) -> str | None:
+    """`python ptalign.py generate ...` through main(); returns the error it exits with, or None.
+
+    A random model never writes a usable question, so clean_question is replaced by one that
+    turns any reply into a question (the sampled text still decides which one). Its samples
+    are all dropped by the self-check, so a run may end with "no usable record" after writing
+    every record; that is the only error it may end with. patches: more ptalign attributes to replace.
+    """
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ptalign, "clean_question", question_from_reply)
         for name, value in patches.items():
             mp.setattr(ptalign, name, value)
         try:
-            ptalign.main(argv)
+            ptalign.main(generate_argv(model_dir, out, batch_size, rounds, extra))
         except SystemExit as e:
             return str(e.code).replace(str(out), "OUT")
     return None
