@@ -85,6 +85,12 @@ def on_device(t):
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=DEVICE).copy_(t)
 
 
+def dev(*tensors):
+    """The tensors on DEVICE (strides kept), for tests that call the loss directly."""
+    moved = [on_device(t) for t in tensors]
+    return moved[0] if len(moved) == 1 else moved
+
+
 def loss_and_grad(fn, logits, *args, grad_output=None, **kwargs):
     """fn's loss and the gradient of (loss * grad_output).sum() with respect to logits (on the CPU)."""
     logits = on_device(logits.detach()).requires_grad_()  # detach, not clone: the layout stays
@@ -191,14 +197,14 @@ def test_certain_rows(backend):
 
 def test_no_competitor(backend):
     """V = 1 (or every other logit -inf): -log p = 0, 1 - p = 0 so the UT loss is +inf, gradients finite."""
-    z = torch.tensor([[3.0], [3.0]], requires_grad=True)
-    loss = pt_loss(z, torch.tensor([0, 0]), torch.tensor([False, True]), reduction="none")
+    z = dev(torch.tensor([[3.0], [3.0]])).requires_grad_()
+    loss = pt_loss(z, *dev(torch.tensor([0, 0]), torch.tensor([False, True])), reduction="none")
     loss.sum().backward()
-    assert loss[0] == 0 and loss[1] == math.inf and z.grad.tolist() == [[0.0], [1.0]]
-    z = torch.tensor([[3.0, -math.inf, -math.inf]], requires_grad=True)
-    loss = pt_loss(z, torch.tensor([0]), torch.tensor([True]), reduction="sum")
+    assert loss.tolist() == [0.0, math.inf] and z.grad.tolist() == [[0.0], [1.0]]
+    z = dev(torch.tensor([[3.0, -math.inf, -math.inf]])).requires_grad_()
+    loss = pt_loss(z, *dev(torch.tensor([0]), torch.tensor([True])), reduction="sum")
     loss.backward()
-    assert loss == math.inf and z.grad.tolist() == [[1.0, 0.0, 0.0]]
+    assert loss.item() == math.inf and z.grad.tolist() == [[1.0, 0.0, 0.0]]
 
 
 def test_strided_rows_and_3d(backend):
@@ -206,8 +212,9 @@ def test_strided_rows_and_3d(backend):
     wide, targets, ut_mask = make_batch(30, 777, seed=8)
     targets = targets.clamp(max=700)
     _, grad = check_against_reference(wide[:, :701], targets, ut_mask)
-    z = wide.clone()
-    pt_loss(z[:, :701].requires_grad_(), targets, ut_mask, inplace=True).backward()
+    z = dev(wide.clone())
+    pt_loss(z[:, :701].requires_grad_(), *dev(targets, ut_mask), inplace=True).backward()
+    z = z.cpu()
     assert torch.allclose(z[:, :701], grad, rtol=1e-5, atol=1e-12)  # written into the view: no copy was made
     assert torch.equal(z[:, 701:], wide[:, 701:])
     logits3, targets3, ut3 = make_batch(3 * 11, 301, seed=9)
@@ -221,23 +228,24 @@ def test_strided_rows_and_3d(backend):
 
 def test_inplace(backend):
     logits, targets, ut_mask = make_batch(32, 999, torch.bfloat16, seed=10)
-    z = logits.clone().requires_grad_()
-    loss = pt_loss(z, targets, ut_mask, inplace=True)
-    assert torch.equal(z.detach(), logits)  # forward only reads
-    loss.backward(torch.tensor(3.0))
+    _, ref_grad = loss_and_grad(pt_loss_reference, logits.double(), targets, ut_mask)
+    t, u = dev(targets, ut_mask)
+    z = dev(logits.clone()).requires_grad_()
+    loss = pt_loss(z, t, u, inplace=True)
+    assert torch.equal(z.detach().cpu(), logits)  # forward only reads
+    loss.backward(dev(torch.tensor(3.0)))
     assert torch.equal(z.detach(), z.grad)  # the logits buffer now holds the gradient
-    _, ref_grad = loss_and_grad(pt_loss_reference, logits.double(), targets, ut_mask, grad_output=torch.tensor(3.0))
-    assert_grad_close(z.grad, ref_grad)
-    z = logits.clone().requires_grad_()
-    pt_loss(z, targets, ut_mask, inplace=True).backward()
-    assert_grad_close(z.grad, loss_and_grad(pt_loss_reference, logits.double(), targets, ut_mask)[1])
-    z = logits.clone().requires_grad_()
-    pt_loss(z, targets, ut_mask).backward()
-    assert torch.equal(z.detach(), logits)  # default: untouched
+    assert_grad_close(z.grad.cpu(), 3 * ref_grad)
+    z = dev(logits.clone()).requires_grad_()
+    pt_loss(z, t, u, inplace=True).backward()
+    assert_grad_close(z.grad.cpu(), ref_grad)
+    z = dev(logits.clone()).requires_grad_()
+    pt_loss(z, t, u).backward()
+    assert torch.equal(z.detach().cpu(), logits)  # default: untouched
     # something else that still needs the logits' values makes autograd refuse, not compute garbage
-    h = logits.float().clone().requires_grad_()
+    h = dev(logits.float()).requires_grad_()
     logits2 = h.exp()  # exp saves its output for backward
-    loss = pt_loss(logits2, targets, ut_mask, inplace=True)
+    loss = pt_loss(logits2, t, u, inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
@@ -246,26 +254,28 @@ def test_backward_twice_and_no_grad(backend):
     """A second backward recomputes the gradient (the first one's buffer went to autograd);
     in place, the logits are gone after the first, so it refuses."""
     logits, targets, ut_mask = make_batch(16, 300, seed=11)
-    z = logits.clone().requires_grad_()
-    loss = pt_loss(z, targets, ut_mask)
+    t, u = dev(targets, ut_mask)
+    z = dev(logits.clone()).requires_grad_()
+    loss = pt_loss(z, t, u)
     loss.backward(retain_graph=True)
     first = z.grad.clone()
-    loss.backward(torch.tensor(0.5))
+    loss.backward(dev(torch.tensor(0.5)))
     assert torch.allclose(z.grad, 1.5 * first, rtol=1e-6, atol=0)
-    z = logits.clone().requires_grad_()
-    loss = pt_loss(z, targets, ut_mask, inplace=True)
+    z = dev(logits.clone()).requires_grad_()
+    loss = pt_loss(z, t, u, inplace=True)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once"):
         loss.backward()
     with torch.no_grad():
-        z2 = logits.clone()
-        assert torch.equal(pt_loss(z2, targets, ut_mask, inplace=True), loss.detach())
-        assert torch.equal(z2, logits)  # nothing written without a gradient to write
+        z2 = dev(logits.clone())
+        assert torch.equal(pt_loss(z2, t, u, inplace=True), loss.detach())
+        assert torch.equal(z2.cpu(), logits)  # nothing written without a gradient to write
 
 
 def test_parts(backend):
     logits, targets, ut_mask = make_batch(50, 400, seed=12)
-    loss, parts = pt_loss(logits, targets, ut_mask, alpha=0.4, return_parts=True)
+    loss, parts = pt_loss(*dev(logits, targets, ut_mask), alpha=0.4, return_parts=True)
+    loss, parts = loss.cpu(), LossParts(*(x.cpu() for x in parts))
     ref_loss, ref_parts = pt_loss_reference(logits.double(), targets, ut_mask, alpha=0.4, return_parts=True)
     assert isinstance(parts, LossParts)
     assert torch.allclose(parts.mle + 0.4 * parts.ut, loss, rtol=1e-6)
@@ -276,7 +286,7 @@ def test_parts(backend):
 def test_out_of_range_target_gives_nan(backend):
     logits, targets, ut_mask = make_batch(4, 50, seed=13)
     targets[1] = 50
-    assert torch.isnan(pt_loss(logits, targets, ut_mask, reduction="none")[1])
+    assert torch.isnan(pt_loss(*dev(logits, targets, ut_mask), reduction="none")[1])
 
 
 def test_strided_targets_and_mask(backend):
@@ -293,9 +303,9 @@ def test_strided_targets_and_mask(backend):
     assert not targets_bt.is_contiguous()
     check_against_reference(logits3, targets_bt, ut_mask.view(5, 8), reduction="none", grad_output=torch.rand(5, 8))
     gen = torch.Generator().manual_seed(22)
-    hidden, weight = torch.randn(40, 16, generator=gen), torch.randn(333, 16, generator=gen)
-    loss = fused_linear_pt_loss(hidden, weight, spaced[::2], columns[:, 1], chunk_size=16)
-    assert torch.equal(loss, fused_linear_pt_loss(hidden, weight, targets, ut_mask, chunk_size=16))
+    hidden, weight = dev(torch.randn(40, 16, generator=gen), torch.randn(333, 16, generator=gen))
+    loss = fused_linear_pt_loss(hidden, weight, *dev(spaced[::2], columns[:, 1]), chunk_size=16)
+    assert torch.equal(loss, fused_linear_pt_loss(hidden, weight, *dev(targets, ut_mask), chunk_size=16))
 
 
 @pytest.mark.parametrize("grad_output, reduction", [(1024.0, "mean"), (65536.0, "mean"), (1 / 1024, "sum")])
@@ -344,16 +354,17 @@ def test_grad_output_one_reads_nothing_in_backward(backend):
     behind autograd's back after forward do not show in it. Any other grad_output rewrites it."""
     logits, targets, ut_mask = make_batch(40, 300, seed=26)
     _, expected = loss_and_grad(pt_loss, logits, targets, ut_mask)
-    z = logits.clone().requires_grad_()
-    loss = pt_loss(z, targets, ut_mask)
+    t, u = dev(targets, ut_mask)
+    z = dev(logits.clone()).requires_grad_()
+    loss = pt_loss(z, t, u)
     z.data.mul_(3.0)  # no version bump: only a read of the logits would notice
     loss.backward()
-    assert torch.equal(z.grad, expected)
-    z = logits.clone().requires_grad_()
-    loss = pt_loss(z, targets, ut_mask)
+    assert torch.equal(z.grad.cpu(), expected)
+    z = dev(logits.clone()).requires_grad_()
+    loss = pt_loss(z, t, u)
     z.data.mul_(3.0)
-    loss.backward(torch.tensor(1.0 + 2**-20))
-    assert not torch.allclose(z.grad, expected, rtol=1e-3)
+    loss.backward(dev(torch.tensor(1.0 + 2**-20)))
+    assert not torch.allclose(z.grad.cpu(), expected, rtol=1e-3)
 
 
 @pytest.mark.skipif(not P._INTERPRETED, reason="the sparse-file trick is for the interpreter on CPU")
@@ -376,6 +387,33 @@ def test_64bit_offsets(tmp_path):
     assert_grad_close(logits.detach(), ref_grad)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU test (kernels/gpu_check.py runs it): 18 GB")
+@pytest.mark.parametrize("n_vocab", [16384, 128256])  # the one-read path and the streamed one
+def test_more_than_2_31_elements_on_cuda(n_vocab):
+    """bf16 logits of more than 2^31 elements, forward and backward (grad_output 1, then per token,
+    in place): the last rows, whose offsets pass 2^31, against float64."""
+    n_rows = 2**31 // n_vocab + 64
+    gen = torch.Generator(device="cuda").manual_seed(29)
+    logits = torch.randn(n_rows, n_vocab, generator=gen, device="cuda").mul_(2).bfloat16()
+    targets = torch.randint(0, n_vocab, (n_rows,), generator=gen, device="cuda")
+    ut_mask = torch.rand(n_rows, generator=gen, device="cuda") < 0.3
+    go = torch.rand(n_rows, generator=gen, device="cuda")
+    last = slice(-64, None)
+    rows, t, u, g = logits[last].double().cpu(), targets[last].cpu(), ut_mask[last].cpu(), go[last].cpu()
+    _, ref_grad = loss_and_grad(pt_loss_reference, rows, t, u, reduction="sum")
+    _, ref_grad_go = loss_and_grad(pt_loss_reference, rows, t, u, reduction="none", grad_output=g)
+    z = logits.requires_grad_()
+    loss = pt_loss(z, targets, ut_mask, reduction="none")
+    loss.sum().backward()
+    assert logits.numel() > 2**31 and torch.isfinite(loss).all()
+    ref = pt_loss_reference(rows, t, u, reduction="none")
+    assert torch.allclose(loss[last].double().cpu(), ref, rtol=1e-5)
+    assert_grad_close(z.grad[last].cpu(), ref_grad)
+    z.grad = None
+    pt_loss(z, targets, ut_mask, reduction="none", inplace=True).backward(go)
+    assert_grad_close(z.grad[last].cpu(), ref_grad_go)
+
+
 # -----------------------------------------------------------------------------
 # The fused-linear variant against the plain one
 
@@ -391,10 +429,12 @@ def test_fused_linear(backend, dtype, reduction):
     go = torch.randn(n_rows, generator=gen) if reduction == "none" else torch.tensor(0.5)
 
     def run(fn, h, w, **kwargs):
-        h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        device = "cpu" if h.dtype == torch.float64 else DEVICE  # the reference stays on the CPU
+        h, w = h.detach().clone().to(device).requires_grad_(), w.detach().clone().to(device).requires_grad_()
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         loss = fn(h, w, **kwargs)
-        loss.backward(go.to(loss.dtype))
-        return loss.detach(), h.grad, w.grad
+        loss.backward(go.to(loss.dtype).to(device))
+        return loss.detach().cpu(), h.grad.cpu(), w.grad.cpu()
 
     kwargs = dict(targets=targets, ut_mask=ut_mask, alpha=1.3, reduction=reduction)
     loss, g_h, g_w = run(fused_linear_pt_loss, hidden, weight, chunk_size=16, **kwargs)  # 16 + 16 + 13 rows
@@ -414,16 +454,17 @@ def test_fused_linear(backend, dtype, reduction):
 def test_gradient_from_row_statistics(backend):
     """What fused-linear's backward does: rebuild the gradient block by block from 3 numbers per row."""
     logits, targets, ut_mask = make_batch(40, 700, torch.bfloat16, seed=19)
-    targets, weights = targets.long(), torch.rand(40, generator=torch.Generator().manual_seed(20))
-    fused, stats = torch.empty_like(logits), torch.empty(40, 3)
+    weights = torch.rand(40, generator=torch.Generator().manual_seed(20))
+    logits, targets, ut_mask, weights = dev(logits, targets, ut_mask, weights)
+    fused, stats = torch.empty_like(logits), dev(torch.empty(40, 3))
     loss = P.token_losses(logits, targets, ut_mask, -100, stats, weights, grad=fused)
-    assert torch.equal(P.token_losses(logits, targets, ut_mask, -100, torch.empty(40, 3)), loss)
+    assert torch.equal(P.token_losses(logits, targets, ut_mask, -100, torch.empty_like(stats)), loss)
     rebuilt = torch.empty_like(logits)
     for v0 in range(0, 700, 256):
         block = slice(v0, v0 + 256)
-        grad_output = torch.tensor(1.0)
+        grad_output = dev(torch.tensor(1.0))
         P.grads_from_stats(logits[:, block].contiguous(), v0, targets, stats, weights, grad_output, rebuilt[:, block])
-    assert_grad_close(rebuilt, fused.double())  # within one rounding (bit-identical on the Triton path)
+    assert_grad_close(rebuilt.cpu(), fused.cpu().double())  # within one rounding
 
 
 def test_fused_linear_hidden_gradient_sums_in_fp32(backend):
@@ -436,24 +477,26 @@ def test_fused_linear_hidden_gradient_sums_in_fp32(backend):
     hidden = torch.randint(-1, 2, (n_rows, hidden_size), generator=gen).to(torch.bfloat16)
     weight = (torch.randint(-2, 3, (n_vocab, hidden_size), generator=gen) / 2).to(torch.bfloat16)
     _, targets, ut_mask = make_batch(n_rows, n_vocab, seed=28)
-    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    go = torch.tensor(0.37)
+    h, w = dev(hidden).requires_grad_(), dev(weight).requires_grad_()
+    targets, ut_mask, go = dev(targets, ut_mask, torch.tensor(0.37))
     fused_linear_pt_loss(h, w, targets, ut_mask, alpha=0.6, chunk_size=8).backward(go)
     assert column_block(8, n_rows, n_vocab) == 128  # 8 rows a chunk: blocks of 128 columns
-    logits = hidden @ weight.t()
-    assert torch.equal(logits.double(), hidden.double() @ weight.double().t())  # exact
+    logits = h.detach() @ w.detach().t()
+    assert torch.equal(logits.double().cpu(), hidden.double() @ weight.double().t())  # exact
     weights = token_weights(targets, ut_mask, 0.6, -100, "mean")
-    stats, grad = torch.empty(n_rows, 3), torch.empty_like(logits)
+    stats, grad = dev(torch.empty(n_rows, 3)), torch.empty_like(logits)
     P.token_losses(logits, targets, ut_mask, -100, stats)
     P.grads_from_stats(logits, 0, targets, stats, weights, go, grad)
-    assert_grad_close(h.grad, grad.double() @ weight.double())
-    assert_grad_close(w.grad, grad.double().t() @ hidden.double())
+    grad = grad.double().cpu()
+    assert_grad_close(h.grad.cpu(), grad @ weight.double())
+    assert_grad_close(w.grad.cpu(), grad.t() @ hidden.double())
 
 
 def test_fused_linear_one_side_and_parts(backend):
     gen = torch.Generator().manual_seed(17)
-    hidden, weight = torch.randn(20, 16, generator=gen), torch.randn(101, 16, generator=gen)
+    hidden, weight = dev(torch.randn(20, 16, generator=gen), torch.randn(101, 16, generator=gen))
     _, targets, ut_mask = make_batch(20, 101, seed=18)
+    targets, ut_mask = dev(targets, ut_mask)
     w = weight.clone().requires_grad_()
     loss, parts = fused_linear_pt_loss(hidden, w, targets, ut_mask, alpha=2.0, chunk_size=7, return_parts=True)
     loss.backward()
