@@ -38,6 +38,7 @@ _CHUNK_BYTES = 256 << 20  # logits held at a time: 1024 rows of a 128k vocabular
 
 
 _COLUMN_ALIGN = 128  # vocabulary columns per backward block: a multiple of this
+_WIDEN_BYTES = 16 << 20  # CPU, 16-bit: fp32 copy of the gradient block made at a time
 
 
 def default_chunk_size(n_vocab, elem_size):
@@ -54,15 +55,18 @@ def column_block(chunk_size, n_rows, n_vocab):
 def add_product_fp32(acc, a, b):
     """acc += a @ b with acc fp32 and a, b 16-bit or fp32: the product is never rounded to 16 bits.
 
-    CUDA has a GEMM with fp32 output for 16-bit inputs, written straight into acc; the CPU
-    build has not, so there the operands are widened first (a copy, on the CPU only).
+    CUDA has a GEMM with fp32 output for 16-bit inputs, written straight into acc. The CPU build
+    has none, so there b is widened once and a a few rows at a time (_WIDEN_BYTES of copy).
     """
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
     elif a.is_cuda:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        acc.addmm_(a.float(), b.float())
+        b32 = b.float()
+        rows = max(1, _WIDEN_BYTES // (4 * a.shape[1]))
+        for start in range(0, a.shape[0], rows):
+            acc[start : start + rows].addmm_(a[start : start + rows].float(), b32)
 
 
 class _FusedLinearPTLoss(torch.autograd.Function):

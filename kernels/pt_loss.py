@@ -40,10 +40,13 @@ exactly 1 (the usual `loss.backward()`) would cost a device sync. So:
               nothing else moved. Rows with any other value are rewritten from the saved
               logits and stats with w * grad_output folded in, rounded once.
 
-The usual case thus moves the floor of one read and one write; a GradScaler's backward pays
-one more read and write, exactly. The price: pt_loss keeps the logits alive until backward.
-inplace=True instead writes the gradient over the logits in backward (forward only reads):
-the logits buffer is reused and a second N x V buffer never exists, for one more read.
+The usual case thus moves one read and one write where the row is held on chip (below); a
+GradScaler's backward pays one more read and write, and is exact. The alternatives: the
+gradient only in forward cannot fold grad_output in; only in backward, from the stats, it is
+always exact but reads every row twice (forward for the loss, backward for the gradient),
+6·N·V bytes even for rows that fit on chip. The price of this design: pt_loss keeps the
+logits alive until backward. inplace=True instead writes the gradient over the logits in
+backward (forward only reads): no second N x V buffer ever exists, for one more read.
 
 Bytes moved on a GPU (2-byte logits, N rows, V columns, training):
 
@@ -54,16 +57,16 @@ Bytes moved on a GPU (2-byte logits, N rows, V columns, training):
                            in L2. So the grid is persistent and small enough for that: with P
                            programs, P rows (2·V bytes each) wait in L2 between their two
                            reads; P = min(programs the SMs hold, half the L2 / row bytes). At
-                           V = 128256 (256.5 KB a row) on an H200 (50 MB L2, 132 SMs):
+                           V = 128256 (256.5 KB a row) on an H200 (50 MiB L2, 132 SMs):
                            P = min(132, 25 MiB / 256.5 KB = 102) = 102 rows in flight, so
                            DRAM sees 4·N·V bytes; each program must then draw 4.8 TB/s / 102
                            = 47 GB/s. Pass 1 loads with evict_last, pass 2 with evict_first
                            and walks the row backwards: what pass 1 read last comes first.
     eval (no gradient)     one read: 2·N·V bytes.
 
-Launch parameters come from `triton.autotune` over `LOSS_CONFIGS` (pruned by V and element
-size: the one-read path has one config per width, the streamed one several), timed on the
-GPU at first use; `_pt_grad_kernel`, which may write over its own input, takes `GRAD_LAUNCH`
+Launch parameters come from `triton.autotune` over `LOSS_CONFIGS` (pruned by V and the GPU:
+the one-read path has one config per width, the streamed one four; tuned per V and dtype,
+timed on the GPU at first use); `_pt_grad_kernel`, which may write over its own input, takes `GRAD_LAUNCH`
 instead (autotuning it would need a copy of the buffer, the memory fused_linear exists to
 save). `python -m kernels.compile_check` compiles all of them for sm_80 and sm_90.
 
@@ -95,8 +98,8 @@ _ROUND_BY_HAND = tl.constexpr(_INTERPRETED)
 # registers as fp32, BLOCK_V / (32 · num_warps) values per thread, and at 32 warps a thread has
 # 64 registers (65536 per SM / 1024 threads). Measured on the compiled kernel with its gradient
 # (python -m kernels.compile_check --probe, bf16 and fp32): at 32 values per thread sm_80 uses
-# 64 registers and no stack, sm_90 spills 80 bytes; at 16 values sm_90 uses 54 and no stack.
-# Other GPUs get the smaller width.
+# 64 registers without spilling, sm_90 spills (152 to 192 bytes); at 16 values sm_90 uses 54
+# registers and no spill. At 64 values both spill. Other GPUs get the smaller width.
 ONE_READ_MAX = {80: 32768, 90: 16384}
 _ONE_READ_MIN = 1024  # narrower rows are padded to this: 4 warps x 32 threads x 8 values, 16-byte loads
 
