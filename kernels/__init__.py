@@ -2,8 +2,8 @@
 The fused MLE + unlikelihood loss of PT-ALIGN.
 
     pt_loss(logits, targets, ut_mask, alpha=1.0, ignore_index=-100, reduction="mean", inplace=False)
-        loss and gradient from logits in one Triton kernel (reference.py has the definition,
-        pt_loss.py the kernel);
+        loss and gradient from logits, read once per row where the row fits on chip
+        (reference.py has the definition, pt_loss.py the Triton kernels);
     fused_linear_pt_loss(hidden, weight, targets, ut_mask, ...)
         the same loss from the final hidden states and the output projection, a chunk of rows
         at a time, never holding the N x V logits: what training uses;
@@ -12,7 +12,9 @@ The fused MLE + unlikelihood loss of PT-ALIGN.
 
 All three take return_parts=True and then return (loss, LossParts(mle, ut, n_mle, n_ut)):
 the mean -log p over MLE tokens and the mean -log(1 - p) over UT tokens, for logging
-(with reduction="mean", loss = mle + alpha * ut). `python -m kernels.bench` benchmarks them.
+(with reduction="mean", loss = mle + alpha * ut). `python -m kernels.bench` benchmarks them,
+`python -m kernels.compile_check` compiles the kernels for sm_80 / sm_90 without a GPU, and
+`python -m kernels.gpu_check` runs everything that needs one.
 """
 
 from .fused_linear import fused_linear_pt_loss

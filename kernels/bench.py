@@ -1,52 +1,82 @@
 """
 Benchmark of the fused PT-ALIGN loss against what one would otherwise use.
 
-    python -m kernels.bench                                # GPU: N 4096 8192 16384 x V 32000 128256 256000, bf16
-                                                           # CPU: N 1024, V 32000, fp32 (the CPU paths)
-    python -m kernels.bench --n 16384 --v 128256 --dtype bf16
-    python -m kernels.bench --memory                       # peak memory at N 8192, V 128256: eager vs fused-linear
-    python -m kernels.bench --markdown bench.md --png bench.png
+    python -m kernels.bench --all                 # the README's table, written to runs/bench/
+                                                  # (bench.md, bench.json, bench.png): on a GPU
+                                                  # the GPU table, on a CPU a small CPU table
+    python -m kernels.bench --n 16384 --v 128256 --only ptalign liger-ce
+    python -m kernels.bench --memory              # peak memory from hidden states, N 8192, V 128256
 
-Each row is forward + backward of one loss:
+Rows, each checked against the float64 reference (kernels.pt_loss_reference) on a slice of its
+inputs before it is timed; a library that is not installed gives a row that says so:
 
     eager           log-softmax in fp32 + gather + log(1 - p) clamped, as hand-written training code does
-    compile         torch.compile of kernels.pt_loss_reference
-    liger-ce        Liger's fused cross-entropy, MLE only (when liger_kernel is installed, on CUDA)
+    compile         torch.compile of kernels.pt_loss_reference (recompiled for every shape)
+    liger-ce        Liger's cross-entropy (MLE only: it has no unlikelihood term)
     ptalign         kernels.pt_loss
-    eager-linear    hidden @ weight.T, then eager          (the baseline for the next rows)
-    ptalign-linear  hidden @ weight.T, then kernels.pt_loss(inplace=True): the logits are ours to overwrite
+    eager-linear    hidden @ weight.T, then eager
+    liger-linear    Liger's fused linear cross-entropy (MLE only)
+    cce-linear      Apple's cut-cross-entropy, linear_cross_entropy (MLE only)
+    ptalign-linear  hidden @ weight.T, then kernels.pt_loss(inplace=True)
     fused-linear    kernels.fused_linear_pt_loss
 
-Columns: ms, the median time; floor ms, the time to read the logits once and write their
-gradient once (2·N·V·bytes, 4·N·V in bf16) at the copy bandwidth measured in the same run;
-% floor = floor ms / ms (100% = at the floor; not given for the *-linear rows, whose time is
-mostly GEMMs); peak MB, the most memory allocated during forward + backward beyond what was
-allocated before (inputs), gradients included. On CUDA that is torch.cuda's peak counter; on
-CPU it is the allocator's running total recorded by torch.profiler for every allocation.
+Timing: each repetition flushes L2 (writes a buffer of twice its size), then records CUDA
+events around the forward and the backward of one loss on inputs made on the device; the
+median over repetitions of forward, backward and their sum is reported, after warm-up runs
+(compilation, autotuning). torch._dynamo is reset for every shape. On a CPU: perf_counter, no
+flush. Columns: GB/s is the loss's floor of bytes, one read of the logits and one write of
+their gradient (2·N·V·bytes), over the total time, with its share of the copy bandwidth
+measured in the same run; TFLOP/s (*-linear rows) is 6·N·V·H, the three GEMMs of forward and
+backward, over the total time (fused-linear runs a fourth, recomputing the logits); peak MB is
+the memory allocated during forward + backward beyond the inputs, gradients included (CUDA's
+peak counter; on a CPU the allocator's running total from torch.profiler).
 """
 
 import argparse
+import importlib.metadata
+import platform
 import statistics
+import subprocess
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import triton
 
-from data.files import pyplot, save_figure
+from data.files import pyplot, save_figure, write_bytes_atomic, write_json
 
 from . import fused_linear_pt_loss, pt_loss, pt_loss_reference
 from .pt_loss import _INTERPRETED
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+IGNORE = -100
 
+# The README's table: loss rows at these (N, V), *-linear rows at (N, H, V)
+GPU_TABLE = dict(loss=[(4096, 32000), (16384, 32000), (4096, 128256), (16384, 128256)], linear=[(8192, 4096, 128256)])
+CPU_TABLE = dict(loss=[(512, 32000)], linear=[(512, 576, 32000)])
+CHECK_ROWS = 512  # rows of the slice each method is checked on
+CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}  # relative error of loss and grads
 
 # -----------------------------------------------------------------------------
-# The contenders, all with the signature (logits or hidden, [weight,] targets, ut_mask, alpha)
+# 1. The contenders
+
+
+@dataclass
+class Method:
+    """One row of the table: fn(logits or hidden, [weight,] targets, ut_mask, alpha) -> loss."""
+
+    name: str
+    takes: str  # "logits" or "linear" (hidden, weight)
+    fn: object = None  # None: unavailable, for the reason in `missing`
+    missing: str = ""
+    mle_only: bool = False  # no unlikelihood term: checked and timed as plain cross-entropy
 
 
 def eager_loss(logits, targets, ut_mask, alpha):
     """The loss as typically written by hand, without a fused kernel."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V) fp32
-    active = targets != -100
+    active = targets != IGNORE
     logp_y = logp.gather(1, targets.clamp(min=0)[:, None])[:, 0]
     is_mle, is_ut = active & ~ut_mask, active & ut_mask
     mle = -(logp_y * is_mle).sum() / is_mle.sum().clamp(min=1)
@@ -55,66 +85,152 @@ def eager_loss(logits, targets, ut_mask, alpha):
     return mle + alpha * ut
 
 
-def liger_loss():
-    """Liger's cross-entropy (MLE only: it has no unlikelihood term), or None when unavailable."""
+def _library(name, takes, module, make, device):
+    """A Method from an optional library, or a row saying why it cannot run here."""
     try:
-        from liger_kernel.transformers.functional import liger_cross_entropy
+        lib = importlib.import_module(module)
     except ImportError:
-        return None
-    # Liger writes its gradient over the logits; the timing loop reuses them, which is fine for timing.
-    return lambda logits, targets, ut_mask, alpha: liger_cross_entropy(logits, targets, ignore_index=-100)
+        return Method(name, takes, missing=f"not installed ({module})", mle_only=True)
+    if device.type != "cuda":
+        return Method(name, takes, missing="needs CUDA", mle_only=True)
+    return Method(name, takes, fn=make(lib), mle_only=True)
 
 
-def logit_methods(device):
-    methods = {
-        "eager": eager_loss,
-        "compile": torch.compile(pt_loss_reference, dynamic=False),
-        "ptalign": lambda z, t, u, a: pt_loss(z, t, u, alpha=a),
-    }
-    liger = liger_loss() if device.type == "cuda" else None
-    if liger is not None:
-        methods["liger-ce"] = liger
-    return methods
+def methods(device):
+    """Every contender, in table order. `compile` is built afresh per shape (see run_table)."""
+    return [
+        Method("eager", "logits", eager_loss),
+        Method("compile", "logits"),
+        _library(
+            "liger-ce",
+            "logits",
+            "liger_kernel.transformers",
+            lambda lib: lambda z, t, u, a: lib.LigerCrossEntropyLoss(ignore_index=IGNORE)(z, t),
+            device,
+        ),
+        Method("ptalign", "logits", lambda z, t, u, a: pt_loss(z, t, u, alpha=a)),
+        Method("eager-linear", "linear", lambda h, w, t, u, a: eager_loss(h @ w.t(), t, u, a)),
+        _library(
+            "liger-linear",
+            "linear",
+            "liger_kernel.transformers",
+            lambda lib: lambda h, w, t, u, a: lib.LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)(w, h, t),
+            device,
+        ),
+        _library(
+            "cce-linear",
+            "linear",
+            "cut_cross_entropy",
+            lambda lib: lambda h, w, t, u, a: lib.linear_cross_entropy(h, w, t, ignore_index=IGNORE),
+            device,
+        ),
+        Method("ptalign-linear", "linear", lambda h, w, t, u, a: pt_loss(h @ w.t(), t, u, alpha=a, inplace=True)),
+        Method("fused-linear", "linear", lambda h, w, t, u, a: fused_linear_pt_loss(h, w, t, u, alpha=a)),
+    ]
 
 
-LINEAR_METHODS = {
-    "eager-linear": lambda h, w, t, u, a: eager_loss(h @ w.t(), t, u, a),
-    "ptalign-linear": lambda h, w, t, u, a: pt_loss(h @ w.t(), t, u, alpha=a, inplace=True),
-    "fused-linear": lambda h, w, t, u, a: fused_linear_pt_loss(h, w, t, u, alpha=a),
-}
+def compiled_reference():
+    """torch.compile of the reference, after a dynamo reset: one fresh compilation per shape
+    (reusing one across shapes hits the recompile limit and silently falls back to eager)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(pt_loss_reference, dynamic=False)
+    return lambda z, t, u, a: compiled(z, t, u, alpha=a)
 
 
 # -----------------------------------------------------------------------------
-# Measuring
+# 2. Inputs, and the check against float64
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def make_inputs(n_rows, n_vocab, hidden_size, dtype, device, seed=0):
+    """Logits, or hidden states and weight, made on the device, with targets (20% ignored) and ut_mask (30%)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    targets = torch.randint(0, n_vocab, (n_rows,), generator=gen, device=device)
+    targets[torch.rand(n_rows, generator=gen, device=device) < 0.2] = IGNORE
+    ut_mask = torch.rand(n_rows, generator=gen, device=device) < 0.3
+    if hidden_size is None:
+        return [torch.randn(n_rows, n_vocab, generator=gen, device=device).mul_(2).to(dtype)], targets, ut_mask
+    hidden = torch.randn(n_rows, hidden_size, generator=gen, device=device).to(dtype)
+    weight = torch.randn(n_vocab, hidden_size, generator=gen, device=device).div_(hidden_size**0.5).to(dtype)
+    return [hidden, weight], targets, ut_mask
 
 
-def time_ms(step, device, reps):
-    """Median wall time of step() in milliseconds, after two warm-up calls (compilation, caches)."""
-    step()
-    step()
+def check(method, leaves, targets, ut_mask, alpha):
+    """Largest relative error (by norm) of loss and gradients against float64, on the first CHECK_ROWS rows."""
+    rows = slice(0, CHECK_ROWS)
+    part = [leaves[0][rows]] + leaves[1:]
+    ut = torch.zeros_like(ut_mask[rows]) if method.mle_only else ut_mask[rows]
+    ours = [x.detach().clone().requires_grad_() for x in part]
+    ref = [x.detach().double().requires_grad_() for x in part]
+    loss = method.fn(*ours, targets[rows], ut, alpha)
+    ref_logits = ref[0] if method.takes == "logits" else ref[0] @ ref[1].t()
+    ref_loss = pt_loss_reference(ref_logits, targets[rows], ut, alpha=alpha)
+    loss.backward()
+    ref_loss.backward()
+    pairs = [(loss.detach(), ref_loss.detach())] + [(x.grad, r.grad) for x, r in zip(ours, ref)]
+    return max(((got.double() - want).norm() / want.norm().clamp(min=1e-300)).item() for got, want in pairs)
+
+
+# -----------------------------------------------------------------------------
+# 3. Measuring: time per phase, peak memory, copy bandwidth
+
+
+class Timer:
+    """Times phases of one repetition: CUDA events (after an L2 flush) on a GPU, perf_counter on a CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+            self.flush_buffer = torch.empty(2 * l2_bytes, dtype=torch.int8, device=device)
+
+    def start(self):
+        """Begin a repetition: flush L2, then mark the first instant."""
+        if self.cuda:
+            self.flush_buffer.zero_()
+        self.marks = []
+        self.mark()
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def durations_ms(self):
+        """Milliseconds between consecutive marks."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def time_phases(fn, leaves, rest, timer, reps, warmup=2):
+    """Median (forward, backward, total) ms of fn(*leaves, *rest) and its backward, fresh leaves each time."""
     times = []
-    for _ in range(reps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    for rep in range(warmup + reps):
+        xs = [x.detach().requires_grad_() for x in leaves]
+        timer.start()
+        loss = fn(*xs, *rest)
+        timer.mark()
+        loss.backward()
+        timer.mark()
+        forward, backward = timer.durations_ms()
+        if rep >= warmup:
+            times.append((forward, backward, forward + backward))
+        del loss, xs
+    return [statistics.median(t[i] for t in times) for i in range(3)]
 
 
 def peak_mb(step, device):
     """Peak memory allocated while step() runs, beyond what was allocated when it started, in MB."""
     if device.type == "cuda":
-        synchronize(device)
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         step()
-        synchronize(device)
+        torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     return _cpu_peak_mb(step)
 
@@ -144,214 +260,283 @@ def _cpu_peak_mb(step):
     return (max(total for _, _, total in allocations) - start) / 2**20
 
 
-def copy_bandwidth_gbs(device):
-    """Achievable bandwidth: bytes read + written by a large copy, per second."""
-    n_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, reps=10)
-    return 2 * n_bytes / ms / 1e6
-
-
-# -----------------------------------------------------------------------------
-# Inputs and one benchmark row
-
-
-def make_inputs(n_rows, n_vocab, hidden_size, dtype, device, seed=0):
-    """Random logits, hidden states and weight, with 20% ignored tokens and 30% UT tokens."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    targets = torch.randint(0, n_vocab, (n_rows,), generator=gen)
-    targets[torch.rand(n_rows, generator=gen) < 0.2] = -100
-    ut_mask = torch.rand(n_rows, generator=gen) < 0.3
-    logits = (torch.randn(n_rows, n_vocab, generator=gen) * 2).to(dtype)
-    hidden = torch.randn(n_rows, hidden_size, generator=gen).to(dtype)
-    weight = (torch.randn(n_vocab, hidden_size, generator=gen) / hidden_size**0.5).to(dtype)
-    to = lambda t: t.to(device)
-    return to(logits), to(hidden), to(weight), to(targets), to(ut_mask)
-
-
-def step_for(fn, leaves, rest, alpha):
+def step_for(fn, leaves, rest):
     """forward + backward of fn(*leaves, *rest), gradients dropped afterwards."""
 
     def step():
-        loss = fn(*leaves, *rest, alpha)
-        loss.backward()
-        for leaf in leaves:
-            leaf.grad = None
+        xs = [x.detach().requires_grad_() for x in leaves]
+        fn(*xs, *rest).backward()
 
     return step
 
 
-def run(args, device):
-    """Time and measure every method at every shape; returns the table rows."""
-    dtype = DTYPES[args.dtype]
-    bandwidth = args.bandwidth or copy_bandwidth_gbs(device)
-    print(f"copy bandwidth: {bandwidth:.1f} GB/s ({'given' if args.bandwidth else 'measured'})")
-    print(
-        table(
-            [dict(method=None, n=None, v=None, dtype=None, ms=None, floor_ms=None, share=None, peak_mb=None)]
-        ).splitlines()[0]
-    )
-    rows = []
-    for n_vocab in args.v:
-        for n_rows in args.n:
-            logits, hidden, weight, targets, ut_mask = make_inputs(n_rows, n_vocab, args.hidden, dtype, device)
-            floor_ms = 2 * n_rows * n_vocab * logits.element_size() / bandwidth / 1e6
-            methods = [(name, fn, [logits]) for name, fn in logit_methods(device).items()]
-            methods += [(name, fn, [hidden, weight]) for name, fn in LINEAR_METHODS.items()]
-            for name, fn, leaves in methods:
-                if args.only and name not in args.only:
-                    continue
-                leaves = [leaf.detach().requires_grad_() for leaf in leaves]
-                step = step_for(fn, leaves, (targets, ut_mask), args.alpha)
-                ms = time_ms(step, device, args.reps)
-                mb = peak_mb(step, device)
-                share = None if name.endswith("linear") else floor_ms / ms
-                rows.append(
-                    dict(
-                        method=name,
-                        n=n_rows,
-                        v=n_vocab,
-                        dtype=args.dtype,
-                        ms=ms,
-                        floor_ms=floor_ms,
-                        share=share,
-                        peak_mb=mb,
-                    )
-                )
-                print(format_row(rows[-1]), flush=True)
-    return rows
+def copy_bandwidth_gbs(device, timer):
+    """Achievable bandwidth: bytes read + written by a large copy, per second (median of 10)."""
+    n_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.ones(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        timer.start()
+        dst.copy_(src)
+        timer.mark()
+        times.append(timer.durations_ms()[0])
+    return 2 * n_bytes / statistics.median(times[2:]) / 1e6
 
 
-def run_memory(args, device):
-    """Peak memory of eager vs our paths from hidden states, at one shape."""
-    dtype = DTYPES[args.dtype]
-    n_rows, n_vocab = args.n[0], args.v[0]
-    _, hidden, weight, targets, ut_mask = make_inputs(n_rows, n_vocab, args.hidden, dtype, device)
-    print(
-        f"peak memory, forward + backward from hidden ({n_rows}, {args.hidden}) and weight "
-        f"({n_vocab}, {args.hidden}), {args.dtype}; the gradients returned are "
-        f"{(hidden.numel() + weight.numel()) * hidden.element_size() / 2**20:.0f} MB of each peak"
+# -----------------------------------------------------------------------------
+# 4. Where it ran: versions, device, clocks
+
+
+def _version(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment(device):
+    """Versions and the device (with its clocks on a GPU), for the header of every result."""
+    env = dict(
+        torch=torch.__version__,
+        triton=triton.__version__,
+        liger_kernel=_version("liger-kernel"),
+        cut_cross_entropy=_version("cut-cross-entropy"),
+        python=platform.python_version(),
     )
+    if device.type != "cuda":
+        path = "the Triton interpreter" if _INTERPRETED else "the chunked PyTorch path"
+        env["device"] = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        env["note"] = f"CPU table: not GPU numbers (ptalign runs as {path})"
+        return env
+    props = torch.cuda.get_device_properties(device)
+    env["device"] = f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB"
+    env["capability"] = f"sm_{props.major}{props.minor}"
+    query = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader", f"--id={device.index or 0}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+        env["clocks"] = dict(zip(query.split(","), (x.strip() for x in out.split(","))))
+    except (OSError, subprocess.SubprocessError):
+        env["clocks"] = "nvidia-smi unavailable"
+    return env
+
+
+# -----------------------------------------------------------------------------
+# 5. Running the table
+
+
+def run_row(method, leaves, rest, timer, reps, row):
+    """One method at one shape: the check, then times and peak memory, added to `row`."""
+    targets, ut_mask, alpha = rest
+    dtype = leaves[0].dtype
+    if method.fn is None:
+        row["check"] = method.missing
+        return row
+    error = check(method, leaves, targets, ut_mask, alpha)
+    row["check"] = f"{'ok' if error <= CHECK_TOL[dtype] else 'FAILED'} {error:.0e}"
+    if error > CHECK_TOL[dtype]:
+        return row  # a wrong answer is not timed
+    if method.mle_only:
+        rest = (targets, torch.zeros_like(ut_mask), alpha)
+    # fresh copies: some methods write their gradient over the inputs they are given
+    leaves = [x.clone() for x in leaves]
+    row["fwd_ms"], row["bwd_ms"], row["ms"] = time_phases(method.fn, leaves, rest, timer, reps)
+    row["peak_mb"] = peak_mb(step_for(method.fn, leaves, rest), leaves[0].device)
+    return row
+
+
+def throughput(row, elem_size, bandwidth):
+    """GB/s and its share of the copy bandwidth (loss rows), TFLOP/s (*-linear rows)."""
+    if "ms" not in row:
+        return row
+    if row["h"] is None:
+        row["gbs"] = 2 * row["n"] * row["v"] * elem_size / row["ms"] / 1e6
+        row["share"] = row["gbs"] / bandwidth
+    else:
+        row["tflops"] = 6 * row["n"] * row["v"] * row["h"] / row["ms"] / 1e9
+    return row
+
+
+def run_table(shapes, dtype, device, reps, alpha, only=None):
+    """Every method at every shape: the table's rows."""
+    timer = Timer(device)
+    bandwidth = copy_bandwidth_gbs(device, timer)
+    print(f"copy bandwidth: {bandwidth:.0f} GB/s")
     rows = []
-    for name, fn in LINEAR_METHODS.items():
-        if args.only and name not in args.only:
+    dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
+    for takes, shape in [("logits", s) for s in shapes["loss"]] + [("linear", s) for s in shapes["linear"]]:
+        n_rows, hidden_size, n_vocab = shape[0], (shape[1] if takes == "linear" else None), shape[-1]
+        leaves, targets, ut_mask = make_inputs(n_rows, n_vocab, hidden_size, dtype, device)
+        for method in methods(device):
+            if method.takes != takes or (only and method.name not in only):
+                continue
+            if method.name == "compile":
+                method.fn = compiled_reference()
+            row = dict(method=method.name, n=n_rows, v=n_vocab, h=hidden_size, dtype=dtype_name)
+            run_row(method, leaves, (targets, ut_mask, alpha), timer, reps, row)
+            rows.append(throughput(row, dtype.itemsize, bandwidth))
+            print(format_row(row), flush=True)
+        del leaves
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    relative_to_eager(rows)
+    return rows, bandwidth
+
+
+def relative_to_eager(rows):
+    """peak / eager: each *-linear row's peak memory over eager-linear's at the same shape."""
+    for row in rows:
+        same_shape = (r for r in rows if (r["method"], r["n"], r["v"]) == ("eager-linear", row["n"], row["v"]))
+        eager = next(same_shape, None)
+        if row["h"] is not None and eager and eager.get("peak_mb") and row.get("peak_mb") is not None:
+            row["vs_eager"] = row["peak_mb"] / eager["peak_mb"]
+
+
+def run_memory(args, dtype, device):
+    """Peak memory of the *-linear methods at one shape (no timing): the memory target's numbers."""
+    n_rows, n_vocab, hidden_size = args.n[0], args.v[0], args.hidden
+    leaves, targets, ut_mask = make_inputs(n_rows, n_vocab, hidden_size, dtype, device)
+    rows = []
+    for method in methods(device):
+        if method.takes != "linear" or method.fn is None or (args.only and method.name not in args.only):
             continue
-        leaves = [hidden.detach().requires_grad_(), weight.detach().requires_grad_()]
-        mb = peak_mb(step_for(fn, leaves, (targets, ut_mask), args.alpha), device)
-        rows.append(dict(method=name, n=n_rows, v=n_vocab, dtype=args.dtype, peak_mb=mb))
+        mb = peak_mb(step_for(method.fn, leaves, (targets, ut_mask, args.alpha)), device)
+        rows.append(dict(method=method.name, n=n_rows, v=n_vocab, h=hidden_size, dtype=args.dtype, peak_mb=mb))
         print(format_row(rows[-1]), flush=True)
-    eager = next((r["peak_mb"] for r in rows if r["method"] == "eager-linear"), None)
-    for r in rows:
-        r["vs_eager"] = r["peak_mb"] / eager if eager and r["peak_mb"] is not None else None
+    relative_to_eager(rows)
     return rows
 
 
 # -----------------------------------------------------------------------------
-# Output: a markdown table, and a plot
+# 6. Output: a markdown table, JSON, a plot
+
+
+def _number(x):
+    """Three significant digits, without an exponent for large numbers."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
 
 COLUMNS = [
-    ("method", "{}"),
-    ("n", "{}"),
-    ("v", "{}"),
-    ("dtype", "{}"),
-    ("ms", "{:.2f}"),
-    ("floor_ms", "{:.2f}"),
-    ("share", "{:.0%}"),
-    ("peak_mb", "{:.0f}"),
-    ("vs_eager", "{:.3f}"),
+    ("method", "method", "{}"),
+    ("n", "N", "{}"),
+    ("v", "V", "{}"),
+    ("h", "H", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("check", "vs float64", "{}"),
+    ("fwd_ms", "fwd ms", "{:.3f}"),
+    ("bwd_ms", "bwd ms", "{:.3f}"),
+    ("ms", "total ms", "{:.3f}"),
+    ("gbs", "GB/s", _number),
+    ("share", "% of copy", "{:.0%}"),
+    ("tflops", "TFLOP/s", _number),
+    ("peak_mb", "peak MB", "{:.0f}"),
+    ("vs_eager", "peak / eager", "{:.3f}"),
 ]
-HEADERS = {
-    "method": "method",
-    "n": "N",
-    "v": "V",
-    "dtype": "dtype",
-    "ms": "ms",
-    "floor_ms": "floor ms",
-    "share": "% floor",
-    "peak_mb": "peak MB",
-    "vs_eager": "peak / eager",
-}
 
 
-def format_row(row, columns=None):
+def format_row(row, keys=None):
+    keys = keys or [k for k, _, _ in COLUMNS if k in row]
     cells = [
-        fmt.format(row[key]) if row.get(key) is not None else "-"
-        for key, fmt in COLUMNS
-        if key in (columns or [k for k, _ in COLUMNS if k in row])
+        "-" if row.get(k) is None else fmt(row[k]) if callable(fmt) else fmt.format(row[k])
+        for k, _, fmt in COLUMNS
+        if k in keys
     ]
     return "| " + " | ".join(cells) + " |"
 
 
 def table(rows):
-    columns = [key for key, _ in COLUMNS if any(key in r for r in rows)]
-    lines = ["| " + " | ".join(HEADERS[c] for c in columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + [format_row(r, columns) for r in rows])
+    keys = [k for k, _, _ in COLUMNS if any(k in r for r in rows)]
+    head = "| " + " | ".join(title for k, title, _ in COLUMNS if k in keys) + " |"
+    return "\n".join([head, "|" + "---|" * len(keys)] + [format_row(r, keys) for r in rows])
 
 
 def write_png(rows, path):
-    """ms against N, one panel per vocabulary size, one line per method."""
+    """Total ms of each method, one panel per shape (log scale)."""
     plt = pyplot()
-    vocabs = sorted({r["v"] for r in rows})
-    fig, axes = plt.subplots(1, len(vocabs), figsize=(5 * len(vocabs), 4), squeeze=False)
-    for ax, v in zip(axes[0], vocabs):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            points = sorted((r["n"], r["ms"]) for r in rows if r["v"] == v and r["method"] == method)
-            ax.plot(*zip(*points), marker="o", label=method)
-        ax.set(title=f"V = {v}", xlabel="N (tokens)", ylabel="forward + backward ms", yscale="log")
-    axes[0][0].legend()
+    shapes = list(dict.fromkeys((r["n"], r["v"], r.get("h")) for r in rows if r.get("ms") is not None))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 3.5), squeeze=False)
+    for ax, (n, v, h) in zip(axes[0], shapes):
+        timed = [r for r in rows if (r["n"], r["v"], r.get("h")) == (n, v, h) and r.get("ms") is not None]
+        ax.barh([r["method"] for r in timed], [r["ms"] for r in timed])
+        ax.set(title=f"N={n} V={v}" + (f" H={h}" if h else ""), xlabel="forward + backward ms", xscale="log")
+        ax.invert_yaxis()
     save_figure(fig, path)
-    print(f"wrote {path}")
+
+
+def write_outputs(rows, env, bandwidth, out):
+    """bench.md (the README table, with its header), bench.json and bench.png in out/."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    versions = (
+        f"torch {env['torch']}, triton {env['triton']}, liger-kernel {env['liger_kernel']}, "
+        f"cut-cross-entropy {env['cut_cross_entropy']}; copy bandwidth {bandwidth:.0f} GB/s"
+    )
+    clocks = f"; clocks {env['clocks']}" if "clocks" in env else ""
+    header = [f"{env.get('note', 'GPU table')}: {env['device']}", versions + clocks]
+    write_bytes_atomic(out / "bench.md", "\n\n".join(header + [table(rows)]) + "\n")
+    write_json(out / "bench.json", dict(environment=env, copy_bandwidth_gbs=bandwidth, rows=rows))
+    write_png(rows, out / "bench.png")
+    print(f"wrote {out / 'bench.md'}, bench.json, bench.png")
+
+
+# -----------------------------------------------------------------------------
+# 7. Command line
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--all", action="store_true", help="the README's table (GPU shapes on CUDA, small ones on a CPU)")
     p.add_argument("--n", type=int, nargs="+", help="tokens (rows of logits)")
     p.add_argument("--v", type=int, nargs="+", help="vocabulary sizes")
-    p.add_argument("--dtype", choices=DTYPES, help="logits / hidden dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--hidden", type=int, help="hidden size H for the *-linear rows")
+    p.add_argument("--dtype", choices=DTYPES, help="logits / hidden dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--reps", type=int, help="timed repetitions per row")
+    p.add_argument("--reps", type=int, help="timed repetitions per row (default 20 on CUDA, 3 on CPU)")
     p.add_argument("--only", nargs="+", help="run only these methods")
-    p.add_argument("--bandwidth", type=float, help="GB/s to use for the floor instead of measuring a copy")
     p.add_argument("--memory", action="store_true", help="peak memory of the *-linear methods at one shape")
-    p.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
-    p.add_argument("--png", metavar="FILE", help="also plot ms against N to FILE (PNG)")
+    p.add_argument("--out", default="runs/bench", help="with --all: directory for bench.md, bench.json, bench.png")
+    p.add_argument("--json", metavar="FILE", help="also write the rows and environment as JSON")
+    p.add_argument("--png", metavar="FILE", help="also plot total ms per method")
     return p
 
 
-def main():
-    cuda = torch.cuda.is_available()
-    args = build_parser().parse_args()
+def shapes_of(args, cuda):
+    """{"loss": [(N, V)], "linear": [(N, H, V)]} from the flags, or the README table's."""
+    if args.all or not (args.n or args.v):
+        return GPU_TABLE if cuda else CPU_TABLE
+    n, v = args.n or [4096], args.v or [128256]
+    hidden = args.hidden or (4096 if cuda else 576)
+    return dict(loss=[(a, b) for b in v for a in n], linear=[(a, hidden, b) for b in v for a in n])
 
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    # CPU: fp32, since bf16 GEMMs there can be thousands of times slower, and small shapes.
+    # CPU: fp32, since bf16 GEMMs there can be thousands of times slower, and small shapes
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    dtype = DTYPES[args.dtype]
+    env = environment(device)
+    print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
     if args.memory:
         args.n, args.v = args.n or [8192], args.v or [128256]
         args.hidden = args.hidden or (4096 if cuda else 256)
+        rows, bandwidth = run_memory(args, dtype, device), None
     else:
-        args.n = args.n or ([4096, 8192, 16384] if cuda else [1024])
-        args.v = args.v or ([32000, 128256, 256000] if cuda else [32000])
-        args.hidden = args.hidden or (4096 if cuda else 576)
-    args.reps = args.reps or (20 if cuda else 3)
-    if cuda:
-        print(f"device: {torch.cuda.get_device_name()}")
-    else:
-        path = "the Triton interpreter" if _INTERPRETED else "chunked PyTorch"
-        print(
-            f"device: CPU ({torch.get_num_threads()} threads). GPU timings need CUDA: these are the CPU paths, "
-            f"ptalign running as {path}."
-        )
-    rows = run_memory(args, device) if args.memory else run(args, device)
-    text = table(rows)
-    print("\n" + text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text + "\n")
-        print(f"wrote {args.markdown}")
+        reps = args.reps or (20 if cuda else 3)
+        rows, bandwidth = run_table(shapes_of(args, cuda), dtype, device, reps, args.alpha, args.only)
+    print("\n" + table(rows))
+    if args.all:
+        write_outputs(rows, env, bandwidth, args.out)
+    if args.json:
+        write_json(args.json, dict(environment=env, copy_bandwidth_gbs=bandwidth, rows=rows))
     if args.png:
         write_png(rows, args.png)
 

@@ -15,12 +15,15 @@ Backward, in blocks of vocabulary columns, once grad_output is known:
     logits = hidden @ W[b]^T       (N, v)   recomputed
     g      = from the row numbers  (N, v)   weighted by token weight x grad_output, in place
     grad_W[b]  = g^T @ hidden      (v, H)   summed over all N rows inside one GEMM (fp32 accumulate)
-    grad_h    += g @ W[b]          (N, H)   accumulated in fp32 across blocks
+    grad_h    += g @ W[b]          (N, H)   into one fp32 sum: the GEMM's fp32 result is added,
+                                            not a 16-bit rounding of it per block
 
 Walking the columns in backward costs one more GEMM than computing the gradient with the
 loss (4 instead of 3), and buys the memory: no V x H fp32 accumulator for grad_W (2 GB at
 H = 4096), only one (N, v) block and an (N, H) fp32 sum on top of the gradients themselves;
-grad_output, per token for reduction="none", enters exactly through the row weights.
+grad_output, per token for reduction="none", enters through the row weights before the
+gradient is rounded. v is a multiple of 128, so every block (and every GEMM operand cut from
+W) starts 16-byte aligned and tiles evenly.
 
 Each chunk runs the same code as pt_loss (`token_losses`, `grads_from_stats`): the Triton
 kernels on CUDA and under TRITON_INTERPRET=1, chunked PyTorch otherwise.
@@ -34,9 +37,36 @@ from .reference import LOGIT_DTYPES, check_token_args, loss_parts, token_weights
 _CHUNK_BYTES = 256 << 20  # logits held at a time: 1024 rows of a 128k vocabulary in bf16
 
 
+_COLUMN_ALIGN = 128  # vocabulary columns per backward block: a multiple of this
+_WIDEN_BYTES = 16 << 20  # CPU, 16-bit: fp32 copy of the gradient block made at a time
+
+
 def default_chunk_size(n_vocab, elem_size):
     """Rows per chunk: about _CHUNK_BYTES of logits, and never fewer than 16 rows."""
     return max(16, _CHUNK_BYTES // (n_vocab * elem_size))
+
+
+def column_block(chunk_size, n_rows, n_vocab):
+    """Columns per backward block: as many logits as a chunk of rows holds, a multiple of 128."""
+    block = chunk_size * n_vocab // max(n_rows, 1)
+    return max(_COLUMN_ALIGN, block // _COLUMN_ALIGN * _COLUMN_ALIGN)
+
+
+def add_product_fp32(acc, a, b):
+    """acc += a @ b with acc fp32 and a, b 16-bit or fp32: the product is never rounded to 16 bits.
+
+    CUDA has a GEMM with fp32 output for 16-bit inputs, written straight into acc. The CPU build
+    has none, so there b is widened once and a a few rows at a time (_WIDEN_BYTES of copy).
+    """
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        b32 = b.float()
+        rows = max(1, _WIDEN_BYTES // (4 * a.shape[1]))
+        for start in range(0, a.shape[0], rows):
+            acc[start : start + rows].addmm_(a[start : start + rows].float(), b32)
 
 
 class _FusedLinearPTLoss(torch.autograd.Function):
@@ -50,7 +80,7 @@ class _FusedLinearPTLoss(torch.autograd.Function):
         for start in range(0, n_rows, chunk_size):
             rows = slice(start, start + chunk_size)
             logits = hidden[rows] @ weight.t()  # (n, V)
-            token_loss[rows] = token_losses(logits, targets[rows], is_ut[rows], None, ignore_index, stats=stats[rows])
+            token_loss[rows] = token_losses(logits, targets[rows], is_ut[rows], ignore_index, stats[rows])
         ctx.save_for_backward(hidden, weight, targets, weights, stats)
         ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(token_loss)
@@ -62,18 +92,18 @@ class _FusedLinearPTLoss(torch.autograd.Function):
         hidden, weight, targets, weights, stats = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         n_rows, n_vocab = hidden.shape[0], weight.shape[0]
-        row_weights = weights * grad_loss.reshape(-1).float()  # grad_output folded in, per token if need be
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if want_hidden else None
         grad_weight = torch.empty_like(weight) if want_weight else None
-        block = max(1, ctx.chunk_size * n_vocab // max(n_rows, 1))  # columns: as many logits as a chunk of rows
+        block = column_block(ctx.chunk_size, n_rows, n_vocab)
         for v0 in range(0, n_vocab, block):
             cols = slice(v0, v0 + block)
             logits = hidden @ weight[cols].t()  # (N, v)
-            grads_from_stats(logits, v0, targets, stats, row_weights, logits)  # now d loss / d logits
+            # now d loss / d logits, grad_output (per token if need be) folded in before rounding
+            grads_from_stats(logits, v0, targets, stats, weights, grad_loss, logits)
             if want_weight:
                 torch.mm(logits.t(), hidden, out=grad_weight[cols])
             if want_hidden:
-                grad_hidden += logits @ weight[cols]
+                add_product_fp32(grad_hidden, logits, weight[cols])
         if want_hidden:
             grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None
@@ -117,7 +147,8 @@ def fused_linear_pt_loss(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     check_token_args(targets, ut_mask, hidden, "hidden", alpha, ignore_index, reduction)
 
-    targets, is_ut = targets.reshape(-1).long(), ut_mask.reshape(-1)
+    # one entry per row, contiguous: a copy of N numbers at most
+    targets, is_ut = targets.reshape(-1).long().contiguous(), ut_mask.reshape(-1).contiguous()
     weights = token_weights(targets, is_ut, alpha, ignore_index, reduction)
     chunk_size = chunk_size or default_chunk_size(weight.shape[0], weight.element_size())
     loss, token_loss = _FusedLinearPTLoss.apply(

@@ -5,8 +5,9 @@ On a machine without CUDA the Triton kernels run under TRITON_INTERPRET=1 (set i
 conftest.py); the "torch" backend is the chunked PyTorch path used when neither CUDA nor the
 interpreter is there. Tolerances from the issue: fp32 inputs within 1e-5 relative on loss
 and gradients; 16-bit inputs, loss within 1e-3 of the float64 loss of the same 16-bit values,
-gradients within one rounding of the gradient's own dtype (two when grad_output is not 1:
-the gradient is written, rounded, in forward and scaled in backward).
+gradients within one rounding of the gradient's own dtype, whatever grad_output is (it is
+folded in before the gradient is rounded). The kernels' compilation for GPUs is checked in
+test_compile.py.
 """
 
 import importlib
@@ -16,6 +17,8 @@ import pytest
 import torch
 
 from kernels import LossParts, fused_linear_pt_loss, pt_loss, pt_loss_reference
+from kernels.fused_linear import column_block
+from kernels.reference import token_weights
 
 P = importlib.import_module("kernels.pt_loss")  # the module (the package exports the function of that name)
 
@@ -82,6 +85,12 @@ def on_device(t):
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=DEVICE).copy_(t)
 
 
+def dev(*tensors):
+    """The tensors on DEVICE (strides kept), for tests that call the loss directly."""
+    moved = [on_device(t) for t in tensors]
+    return moved[0] if len(moved) == 1 else moved
+
+
 def loss_and_grad(fn, logits, *args, grad_output=None, **kwargs):
     """fn's loss and the gradient of (loss * grad_output).sum() with respect to logits (on the CPU)."""
     logits = on_device(logits.detach()).requires_grad_()  # detach, not clone: the layout stays
@@ -107,7 +116,7 @@ def check_against_reference(logits, targets, ut_mask, alpha=1.0, reduction="mean
         assert torch.allclose(loss.double(), ref_loss, rtol=tol, atol=1e-30)
     else:
         assert abs(loss.item() - ref_loss.item()) <= tol * abs(ref_loss.item()) + 1e-30
-    assert_grad_close(grad, ref_grad, roundings=1 if grad_output is None else 2)
+    assert_grad_close(grad, ref_grad)
     return loss, grad
 
 
@@ -188,14 +197,14 @@ def test_certain_rows(backend):
 
 def test_no_competitor(backend):
     """V = 1 (or every other logit -inf): -log p = 0, 1 - p = 0 so the UT loss is +inf, gradients finite."""
-    z = torch.tensor([[3.0], [3.0]], requires_grad=True)
-    loss = pt_loss(z, torch.tensor([0, 0]), torch.tensor([False, True]), reduction="none")
+    z = dev(torch.tensor([[3.0], [3.0]])).requires_grad_()
+    loss = pt_loss(z, *dev(torch.tensor([0, 0]), torch.tensor([False, True])), reduction="none")
     loss.sum().backward()
-    assert loss[0] == 0 and loss[1] == math.inf and z.grad.tolist() == [[0.0], [1.0]]
-    z = torch.tensor([[3.0, -math.inf, -math.inf]], requires_grad=True)
-    loss = pt_loss(z, torch.tensor([0]), torch.tensor([True]), reduction="sum")
+    assert loss.tolist() == [0.0, math.inf] and z.grad.tolist() == [[0.0], [1.0]]
+    z = dev(torch.tensor([[3.0, -math.inf, -math.inf]])).requires_grad_()
+    loss = pt_loss(z, *dev(torch.tensor([0]), torch.tensor([True])), reduction="sum")
     loss.backward()
-    assert loss == math.inf and z.grad.tolist() == [[1.0, 0.0, 0.0]]
+    assert loss.item() == math.inf and z.grad.tolist() == [[1.0, 0.0, 0.0]]
 
 
 def test_strided_rows_and_3d(backend):
@@ -203,9 +212,11 @@ def test_strided_rows_and_3d(backend):
     wide, targets, ut_mask = make_batch(30, 777, seed=8)
     targets = targets.clamp(max=700)
     _, grad = check_against_reference(wide[:, :701], targets, ut_mask)
-    z = wide.clone()
-    pt_loss(z[:, :701].requires_grad_(), targets, ut_mask, inplace=True)  # lands in the view: no copy was made
-    assert torch.equal(z[:, :701], grad) and torch.equal(z[:, 701:], wide[:, 701:])
+    z = dev(wide.clone())
+    pt_loss(z[:, :701].requires_grad_(), *dev(targets, ut_mask), inplace=True).backward()
+    z = z.cpu()
+    assert torch.allclose(z[:, :701], grad, rtol=1e-5, atol=1e-12)  # written into the view: no copy was made
+    assert torch.equal(z[:, 701:], wide[:, 701:])
     logits3, targets3, ut3 = make_batch(3 * 11, 301, seed=9)
     logits3 = logits3.view(3, 11, 301)[:, :-1]  # the causal-LM shift: not viewable as (N, V)
     targets3, ut3 = targets3.view(3, 11)[:, :-1], ut3.view(3, 11)[:, :-1]
@@ -217,37 +228,54 @@ def test_strided_rows_and_3d(backend):
 
 def test_inplace(backend):
     logits, targets, ut_mask = make_batch(32, 999, torch.bfloat16, seed=10)
-    _, grad_out_of_place = loss_and_grad(pt_loss, logits, targets, ut_mask)
-    z = logits.clone().requires_grad_()
-    loss = pt_loss(z, targets, ut_mask, inplace=True)
-    assert torch.equal(z.detach(), grad_out_of_place)  # the logits buffer now holds the gradient
-    loss.backward()
-    assert torch.equal(z.grad, grad_out_of_place)
-    assert torch.equal(loss_and_grad(pt_loss, logits, targets, ut_mask)[1], grad_out_of_place)  # default: untouched
+    _, ref_grad = loss_and_grad(pt_loss_reference, logits.double(), targets, ut_mask)
+    t, u = dev(targets, ut_mask)
+    z = dev(logits.clone()).requires_grad_()
+    loss = pt_loss(z, t, u, inplace=True)
+    assert torch.equal(z.detach().cpu(), logits)  # forward only reads
+    loss.backward(dev(torch.tensor(3.0)))
+    assert torch.equal(z.detach(), z.grad)  # the logits buffer now holds the gradient
+    assert_grad_close(z.grad.cpu(), 3 * ref_grad)
+    z = dev(logits.clone()).requires_grad_()
+    pt_loss(z, t, u, inplace=True).backward()
+    assert_grad_close(z.grad.cpu(), ref_grad)
+    z = dev(logits.clone()).requires_grad_()
+    pt_loss(z, t, u).backward()
+    assert torch.equal(z.detach().cpu(), logits)  # default: untouched
     # something else that still needs the logits' values makes autograd refuse, not compute garbage
-    h = logits.float().clone().requires_grad_()
+    h = dev(logits.float()).requires_grad_()
     logits2 = h.exp()  # exp saves its output for backward
-    loss = pt_loss(logits2, targets, ut_mask, inplace=True)
+    loss = pt_loss(logits2, t, u, inplace=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
 
-def test_backward_once_and_no_grad(backend):
+def test_backward_twice_and_no_grad(backend):
+    """A second backward recomputes the gradient (the first one's buffer went to autograd);
+    in place, the logits are gone after the first, so it refuses."""
     logits, targets, ut_mask = make_batch(16, 300, seed=11)
-    z = logits.clone().requires_grad_()
-    loss = pt_loss(z, targets, ut_mask)
+    t, u = dev(targets, ut_mask)
+    z = dev(logits.clone()).requires_grad_()
+    loss = pt_loss(z, t, u)
+    loss.backward(retain_graph=True)
+    first = z.grad.clone()
+    loss.backward(dev(torch.tensor(0.5)))
+    assert torch.allclose(z.grad, 1.5 * first, rtol=1e-6, atol=0)
+    z = dev(logits.clone()).requires_grad_()
+    loss = pt_loss(z, t, u, inplace=True)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once"):
         loss.backward()
     with torch.no_grad():
-        z2 = logits.clone()
-        assert torch.equal(pt_loss(z2, targets, ut_mask, inplace=True), loss.detach())
-        assert torch.equal(z2, logits)  # nothing written without a gradient to write
+        z2 = dev(logits.clone())
+        assert torch.equal(pt_loss(z2, t, u, inplace=True), loss.detach())
+        assert torch.equal(z2.cpu(), logits)  # nothing written without a gradient to write
 
 
 def test_parts(backend):
     logits, targets, ut_mask = make_batch(50, 400, seed=12)
-    loss, parts = pt_loss(logits, targets, ut_mask, alpha=0.4, return_parts=True)
+    loss, parts = pt_loss(*dev(logits, targets, ut_mask), alpha=0.4, return_parts=True)
+    loss, parts = loss.cpu(), LossParts(*(x.cpu() for x in parts))
     ref_loss, ref_parts = pt_loss_reference(logits.double(), targets, ut_mask, alpha=0.4, return_parts=True)
     assert isinstance(parts, LossParts)
     assert torch.allclose(parts.mle + 0.4 * parts.ut, loss, rtol=1e-6)
@@ -258,7 +286,85 @@ def test_parts(backend):
 def test_out_of_range_target_gives_nan(backend):
     logits, targets, ut_mask = make_batch(4, 50, seed=13)
     targets[1] = 50
-    assert torch.isnan(pt_loss(logits, targets, ut_mask, reduction="none")[1])
+    assert torch.isnan(pt_loss(*dev(logits, targets, ut_mask), reduction="none")[1])
+
+
+def test_strided_targets_and_mask(backend):
+    """targets and ut_mask with any strides (every other entry of a buffer, a column, a transpose)
+    give the loss of their values, as if contiguous."""
+    logits, targets, ut_mask = make_batch(40, 333, seed=21)
+    spaced = torch.full((80,), 7)
+    spaced[::2] = targets
+    columns = torch.zeros(40, 3, dtype=torch.bool)
+    columns[:, 1] = ut_mask
+    check_against_reference(logits, spaced[::2], columns[:, 1], alpha=0.8)
+    logits3 = logits.view(5, 8, 333)
+    targets_bt = targets.view(5, 8).t().contiguous().t()  # the (5, 8) values, column-major
+    assert not targets_bt.is_contiguous()
+    check_against_reference(logits3, targets_bt, ut_mask.view(5, 8), reduction="none", grad_output=torch.rand(5, 8))
+    gen = torch.Generator().manual_seed(22)
+    hidden, weight = dev(torch.randn(40, 16, generator=gen), torch.randn(333, 16, generator=gen))
+    loss = fused_linear_pt_loss(hidden, weight, *dev(spaced[::2], columns[:, 1]), chunk_size=16)
+    assert torch.equal(loss, fused_linear_pt_loss(hidden, weight, *dev(targets, ut_mask), chunk_size=16))
+
+
+@pytest.mark.parametrize("grad_output, reduction", [(1024.0, "mean"), (65536.0, "mean"), (1 / 1024, "sum")])
+def test_fp16_under_loss_scaling(backend, grad_output, reduction):
+    """fp16 logits with a GradScaler's grad_output: it is folded in before the gradient is
+    rounded, so every entry the float64 gradient has above fp16's smallest normal survives,
+    each within one rounding."""
+    logits, targets, ut_mask = make_batch(256, 2000, torch.float16, seed=23)
+    go = torch.tensor(grad_output)
+    _, grad = check_against_reference(logits, targets, ut_mask, reduction=reduction, grad_output=go)
+    _, ref = loss_and_grad(pt_loss_reference, logits.double(), targets, ut_mask, reduction=reduction, grad_output=go)
+    kept = ref.abs() > torch.finfo(torch.float16).smallest_normal
+    assert kept.sum() >= 100 and (grad[kept] != 0).all()
+    if grad_output > 1:  # entries that rounding before scaling would have lost, or kept as subnormals
+        assert (ref[kept].abs() / grad_output < torch.finfo(torch.float16).smallest_normal).sum() >= 100
+
+
+def test_minus_inf_target(backend):
+    """A target logit of -inf: p = 0, so the MLE loss is +inf and the UT loss 0, with finite gradients."""
+    logits, targets, ut_mask = make_batch(6, 50, seed=24, kind="all_mle")
+    ut_mask[1] = True
+    logits[0, targets[0]] = logits[1, targets[1]] = float("-inf")
+    loss, grad = loss_and_grad(pt_loss, logits, targets, ut_mask, reduction="sum")
+    ref_tokens = pt_loss_reference(logits.double(), targets, ut_mask, reduction="none")
+    assert loss == math.inf and ref_tokens[0] == math.inf and ref_tokens[1] == 0
+    _, ref_grad = loss_and_grad(pt_loss_reference, logits.double(), targets, ut_mask, reduction="sum")
+    assert torch.isfinite(grad).all() and torch.isfinite(ref_grad).all()
+    assert_grad_close(grad, ref_grad)
+    assert grad[0, targets[0]] == -1.0 and (grad[1] == 0).all()  # all of p on the others; a UT row at p = 0 rests
+
+
+@pytest.mark.parametrize("n_vocab", [P.one_read_width(1), 16384, 16400])
+def test_one_read_path_and_its_limit(backend, n_vocab):
+    """The path that holds the row on chip (V up to its limit), and the streamed one just past it."""
+    one_read = P.one_read_width(n_vocab) is not None
+    assert one_read == (n_vocab <= min(P.ONE_READ_MAX.values()))
+    if P._INTERPRETED:
+        assert P.choose_loss_configs(n_vocab, None)[0].kwargs["ONE_READ"] == one_read
+    logits, targets, ut_mask = make_batch(6, n_vocab, torch.bfloat16, seed=25)
+    targets[0], ut_mask[0] = n_vocab - 1, False  # the last column is somebody's target
+    check_against_reference(logits, targets, ut_mask, grad_output=torch.tensor(0.3))
+
+
+def test_grad_output_one_reads_nothing_in_backward(backend):
+    """With grad_output exactly 1 backward leaves the gradient forward wrote: here logits changed
+    behind autograd's back after forward do not show in it. Any other grad_output rewrites it."""
+    logits, targets, ut_mask = make_batch(40, 300, seed=26)
+    _, expected = loss_and_grad(pt_loss, logits, targets, ut_mask)
+    t, u = dev(targets, ut_mask)
+    z = dev(logits.clone()).requires_grad_()
+    loss = pt_loss(z, t, u)
+    z.data.mul_(3.0)  # no version bump: only a read of the logits would notice
+    loss.backward()
+    assert torch.equal(z.grad.cpu(), expected)
+    z = dev(logits.clone()).requires_grad_()
+    loss = pt_loss(z, t, u)
+    z.data.mul_(3.0)
+    loss.backward(dev(torch.tensor(1.0 + 2**-20)))
+    assert not torch.allclose(z.grad.cpu(), expected, rtol=1e-3)
 
 
 @pytest.mark.skipif(not P._INTERPRETED, reason="the sparse-file trick is for the interpreter on CPU")
@@ -274,10 +380,38 @@ def test_64bit_offsets(tmp_path):
     logits.copy_(rows)
     z = logits.requires_grad_()
     loss = pt_loss(z, targets, ut_mask, reduction="none", inplace=True)
+    loss.backward(torch.ones_like(loss))
     ref = pt_loss_reference(rows.double(), targets, ut_mask, reduction="none")
     assert torch.allclose(loss.double(), ref, rtol=1e-5)
     _, ref_grad = loss_and_grad(pt_loss_reference, rows.double(), targets, ut_mask, reduction="none")
     assert_grad_close(logits.detach(), ref_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU test (kernels/gpu_check.py runs it): 18 GB")
+@pytest.mark.parametrize("n_vocab", [16384, 128256])  # the one-read path and the streamed one
+def test_more_than_2_31_elements_on_cuda(n_vocab):
+    """bf16 logits of more than 2^31 elements, forward and backward (grad_output 1, then per token,
+    in place): the last rows, whose offsets pass 2^31, against float64."""
+    n_rows = 2**31 // n_vocab + 64
+    gen = torch.Generator(device="cuda").manual_seed(29)
+    logits = torch.randn(n_rows, n_vocab, generator=gen, device="cuda").mul_(2).bfloat16()
+    targets = torch.randint(0, n_vocab, (n_rows,), generator=gen, device="cuda")
+    ut_mask = torch.rand(n_rows, generator=gen, device="cuda") < 0.3
+    go = torch.rand(n_rows, generator=gen, device="cuda")
+    last = slice(-64, None)
+    rows, t, u, g = logits[last].double().cpu(), targets[last].cpu(), ut_mask[last].cpu(), go[last].cpu()
+    _, ref_grad = loss_and_grad(pt_loss_reference, rows, t, u, reduction="sum")
+    _, ref_grad_go = loss_and_grad(pt_loss_reference, rows, t, u, reduction="none", grad_output=g)
+    z = logits.requires_grad_()
+    loss = pt_loss(z, targets, ut_mask, reduction="none")
+    loss.sum().backward()
+    assert logits.numel() > 2**31 and torch.isfinite(loss).all()
+    ref = pt_loss_reference(rows, t, u, reduction="none")
+    assert torch.allclose(loss[last].double().cpu(), ref, rtol=1e-5)
+    assert_grad_close(z.grad[last].cpu(), ref_grad)
+    z.grad = None
+    pt_loss(z, targets, ut_mask, reduction="none", inplace=True).backward(go)
+    assert_grad_close(z.grad[last].cpu(), ref_grad_go)
 
 
 # -----------------------------------------------------------------------------
@@ -295,10 +429,12 @@ def test_fused_linear(backend, dtype, reduction):
     go = torch.randn(n_rows, generator=gen) if reduction == "none" else torch.tensor(0.5)
 
     def run(fn, h, w, **kwargs):
-        h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        device = "cpu" if h.dtype == torch.float64 else DEVICE  # the reference stays on the CPU
+        h, w = h.detach().clone().to(device).requires_grad_(), w.detach().clone().to(device).requires_grad_()
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         loss = fn(h, w, **kwargs)
-        loss.backward(go.to(loss.dtype))
-        return loss.detach(), h.grad, w.grad
+        loss.backward(go.to(loss.dtype).to(device))
+        return loss.detach().cpu(), h.grad.cpu(), w.grad.cpu()
 
     kwargs = dict(targets=targets, ut_mask=ut_mask, alpha=1.3, reduction=reduction)
     loss, g_h, g_w = run(fused_linear_pt_loss, hidden, weight, chunk_size=16, **kwargs)  # 16 + 16 + 13 rows
@@ -318,22 +454,49 @@ def test_fused_linear(backend, dtype, reduction):
 def test_gradient_from_row_statistics(backend):
     """What fused-linear's backward does: rebuild the gradient block by block from 3 numbers per row."""
     logits, targets, ut_mask = make_batch(40, 700, torch.bfloat16, seed=19)
-    targets, weights = targets.long(), torch.rand(40, generator=torch.Generator().manual_seed(20))
-    fused = torch.empty_like(logits)
-    stats = torch.empty(40, 3)
-    loss = P.token_losses(logits, targets, ut_mask, weights, -100, grad=fused)
-    assert torch.equal(P.token_losses(logits, targets, ut_mask, None, -100, stats=stats), loss)
+    weights = torch.rand(40, generator=torch.Generator().manual_seed(20))
+    logits, targets, ut_mask, weights = dev(logits, targets, ut_mask, weights)
+    fused, stats = torch.empty_like(logits), dev(torch.empty(40, 3))
+    loss = P.token_losses(logits, targets, ut_mask, -100, stats, weights, grad=fused)
+    assert torch.equal(P.token_losses(logits, targets, ut_mask, -100, torch.empty_like(stats)), loss)
     rebuilt = torch.empty_like(logits)
     for v0 in range(0, 700, 256):
         block = slice(v0, v0 + 256)
-        P.grads_from_stats(logits[:, block].contiguous(), v0, targets, stats, weights, rebuilt[:, block])
-    assert_grad_close(rebuilt, fused.double())  # within one rounding (bit-identical on the Triton path)
+        grad_output = dev(torch.tensor(1.0))
+        P.grads_from_stats(logits[:, block].contiguous(), v0, targets, stats, weights, grad_output, rebuilt[:, block])
+    assert_grad_close(rebuilt.cpu(), fused.cpu().double())  # within one rounding
+
+
+def test_fused_linear_hidden_gradient_sums_in_fp32(backend):
+    """bf16 hidden states through 6 blocks of 128 columns: the hidden gradient is the float64
+    product of the gradient blocks, rounded once to bf16 at the end (not once per block), and
+    so is each block of the weight gradient. Logits are exact in bf16 here (small integers
+    over 2), so the gradient blocks are known exactly: `grads_from_stats` on the full logits."""
+    gen = torch.Generator().manual_seed(27)
+    n_rows, hidden_size, n_vocab = 40, 16, 700
+    hidden = torch.randint(-1, 2, (n_rows, hidden_size), generator=gen).to(torch.bfloat16)
+    weight = (torch.randint(-2, 3, (n_vocab, hidden_size), generator=gen) / 2).to(torch.bfloat16)
+    _, targets, ut_mask = make_batch(n_rows, n_vocab, seed=28)
+    h, w = dev(hidden).requires_grad_(), dev(weight).requires_grad_()
+    targets, ut_mask, go = dev(targets, ut_mask, torch.tensor(0.37))
+    fused_linear_pt_loss(h, w, targets, ut_mask, alpha=0.6, chunk_size=8).backward(go)
+    assert column_block(8, n_rows, n_vocab) == 128  # 8 rows a chunk: blocks of 128 columns
+    logits = h.detach() @ w.detach().t()
+    assert torch.equal(logits.double().cpu(), hidden.double() @ weight.double().t())  # exact
+    weights = token_weights(targets, ut_mask, 0.6, -100, "mean")
+    stats, grad = dev(torch.empty(n_rows, 3)), torch.empty_like(logits)
+    P.token_losses(logits, targets, ut_mask, -100, stats)
+    P.grads_from_stats(logits, 0, targets, stats, weights, go, grad)
+    grad = grad.double().cpu()
+    assert_grad_close(h.grad.cpu(), grad @ weight.double())
+    assert_grad_close(w.grad.cpu(), grad.t() @ hidden.double())
 
 
 def test_fused_linear_one_side_and_parts(backend):
     gen = torch.Generator().manual_seed(17)
-    hidden, weight = torch.randn(20, 16, generator=gen), torch.randn(101, 16, generator=gen)
+    hidden, weight = dev(torch.randn(20, 16, generator=gen), torch.randn(101, 16, generator=gen))
     _, targets, ut_mask = make_batch(20, 101, seed=18)
+    targets, ut_mask = dev(targets, ut_mask)
     w = weight.clone().requires_grad_()
     loss, parts = fused_linear_pt_loss(hidden, w, targets, ut_mask, alpha=2.0, chunk_size=7, return_parts=True)
     loss.backward()
