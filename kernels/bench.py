@@ -44,7 +44,9 @@ from pathlib import Path
 import torch
 import triton
 
-from data.files import pyplot, save_figure, write_bytes_atomic, write_json
+from data.cli import NON_NEGATIVE, POSITIVE, Parser
+from data.errors import one_line_errors
+from data.files import check_output_dir, check_output_file, pyplot, save_figure, write_bytes_atomic, write_json
 
 from . import fused_linear_pt_loss, pt_loss, pt_loss_reference
 from .pt_loss import _INTERPRETED
@@ -489,16 +491,14 @@ def write_outputs(rows, env, bandwidth, out):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--all", action="store_true", help="the README's table (GPU shapes on CUDA, small ones on a CPU)")
-    p.add_argument("--n", type=int, nargs="+", help="tokens (rows of logits)")
-    p.add_argument("--v", type=int, nargs="+", help="vocabulary sizes")
-    p.add_argument("--hidden", type=int, help="hidden size H for the *-linear rows")
+    p.add_argument("--n", type=POSITIVE, nargs="+", help="tokens (rows of logits)")
+    p.add_argument("--v", type=POSITIVE, nargs="+", help="vocabulary sizes")
+    p.add_argument("--hidden", type=POSITIVE, help="hidden size H for the *-linear rows")
     p.add_argument("--dtype", choices=DTYPES, help="logits / hidden dtype (default bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--reps", type=int, help="timed repetitions per row (default 20 on CUDA, 3 on CPU)")
+    p.add_argument("--alpha", type=NON_NEGATIVE, default=1.0, help="weight of the unlikelihood term (default: 1.0)")
+    p.add_argument("--reps", type=POSITIVE, help="timed repetitions per row (default 20 on CUDA, 3 on CPU)")
     p.add_argument("--only", nargs="+", help="run only these methods")
     p.add_argument("--memory", action="store_true", help="peak memory of the *-linear methods at one shape")
     p.add_argument("--out", default="runs/bench", help="with --all: directory for bench.md, bench.json, bench.png")
@@ -518,6 +518,17 @@ def shapes_of(args, cuda):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    with one_line_errors(lambda: "the benchmark writes its files only at the end, so nothing was written."):
+        bench(args)
+
+
+def bench(args) -> None:
+    """Print the table for the parsed flags, and write the files they ask for."""
+    if args.all:  # every output path checked before minutes of timing, not after
+        check_output_dir(Path(args.out), "--out")
+    for flag in ("json", "png"):
+        if getattr(args, flag):
+            check_output_file(getattr(args, flag), "--" + flag)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     # CPU: fp32, since bf16 GEMMs there can be thousands of times slower, and small shapes

@@ -26,6 +26,7 @@ import test_train
 from safetensors.torch import load_file
 
 import generate
+import kernels.bench
 import ptalign
 import train
 from data.files import TEMP_NAME, remove_stale_temps, temp_path
@@ -36,7 +37,12 @@ from model import CheckpointError
 one_thread, tiny_dir, loss_in_pytorch = test_ptalign.one_thread, test_ptalign.tiny_dir, test_train.loss_in_pytorch
 RECORDS = test_train.RECORDS
 ROOT = Path(__file__).resolve().parents[1]
-MAINS = {"generate.py": generate.main, "ptalign.py": ptalign.main, "train.py": train.main}
+MAINS = {
+    "generate.py": generate.main,
+    "ptalign.py": ptalign.main,
+    "train.py": train.main,
+    "bench.py": kernels.bench.main,
+}
 TRAIN = ["--skip-eval", "--preset", "cpu", "--lr", "1e-2", "--batch-size", "8", "--save-every", "0"]
 
 
@@ -193,6 +199,8 @@ FLAGS = [
     ("ptalign.py generate --out {tmp}/d.jsonl", "--top-p", "2", r"a number in \(0, 1\]"),
     ("ptalign.py eval", "--limit", "-1", "an integer >= 1"),
     ("ptalign.py show {data}", "--limit", "-1", "an integer >= 1"),
+    ("bench.py", "--reps", "0", "an integer >= 1"),  # python -m kernels.bench
+    ("bench.py", "--v", "-5", "an integer >= 1"),
 ]
 TRAIN_TINY = "train.py --model {tiny} --data {data} " + " ".join(TRAIN)
 RESUME_TRAINED = TRAIN_TINY + " --batch-size 2 --grad-accum 2 --max-steps 2 --resume"  # trained_out's flags
@@ -302,6 +310,12 @@ ERRORS = {
         S,
     ),
     "ptalign show: an empty file": ("ptalign.py show {empty}", r"error: {empty}: dataset file has no records\."),
+    # python -m kernels.bench: its files are checked before minutes of timing
+    "bench: --json read-only": ("bench.py --json {ro}/b.json", r"error: {ro}: --json is not writable \(.*\)\."),
+    "bench: --out a file": (
+        "bench.py --all --out {empty}",
+        r"error: {empty}: --out must name a directory, and this is a file\.",
+    ),
 }
 
 
