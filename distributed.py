@@ -292,7 +292,7 @@ def from_main(fn):
 # -----------------------------------------------------------------------------
 # 5. Checkpoints
 
-SHARDED_TMP = ".ckpt.tmp-sharded"  # one name every rank knows; train.py removes `.ckpt.tmp-*` left by a crash
+SHARDED_TMP = ".ckpt.tmp-sharded"  # one name every rank knows (no pid in it): train.py removes it at start-up
 
 
 def save_checkpoint(model, optimizer, trainer_state: dict, out: Path) -> None:
