@@ -158,8 +158,10 @@ def check_output_file(path, flag: str) -> None:
 def read_text(path, error, what: str) -> str:
     """A text file's contents; `error` says which file when it is missing or not UTF-8."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise error(f"{path}: {what} file does not exist.")
+    if not path.is_file():
+        raise error(f"{path}: {what} file is not a regular file (a directory or a device).")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -72,6 +72,12 @@ def subprocess_env(**extra) -> dict:
     return env | {"OMP_NUM_THREADS": "1"} | extra
 
 
+def default_sigint() -> None:
+    """In the child before exec: Ctrl-C as a terminal gives it. A shell's background job (`make test &`,
+    some CI runners) starts with SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_subprocess(script: str, argv: list[str], **env) -> tuple[int, str, str]:
     p = subprocess.run(
         [sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, env=subprocess_env(**env)
@@ -449,7 +455,12 @@ def test_ctrl_c_keeps_the_checkpoint_and_resume_equals_uninterrupted(tiny_dir, r
     argv = train_argv(tiny_dir, reference / "data.jsonl", out, *TRAIN_STEPS, "--save-every", "1")
     slow = "--grad-checkpointing"  # same numbers, a little more work per step: more time to be interrupted in
     proc = subprocess.Popen(
-        [sys.executable, "train.py", *argv, slow], cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True
+        [sys.executable, "train.py", *argv, slow],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
     )
     deadline = time.monotonic() + 120
     while not (out / "ckpt").is_dir() and proc.poll() is None and time.monotonic() < deadline:
@@ -473,11 +484,12 @@ def test_ctrl_c_in_the_chat_is_one_sentence(tiny_dir):
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     assert chat.stderr.readline().startswith("Chat with the model")  # it is reading stdin now
     chat.send_signal(signal.SIGINT)
-    err = chat.stderr.read()
-    assert chat.wait(timeout=60) == 1 and "Traceback" not in err, err
+    err = chat.communicate(timeout=60)[1]  # (a missed signal: the chat ends at the closed stdin instead)
+    assert chat.returncode == 1 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "interrupted; generate.py writes no file, so there is nothing to resume."
 
 
