@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -79,7 +80,8 @@ def remove_stale_temps(directory, name: str = "*") -> None:
         if not m or writer_alive(int(m["pid"])):
             continue
         if m["kind"] == "old" and not (directory / m["name"]).exists():
-            os.replace(p, directory / m["name"])
+            with contextlib.suppress(FileNotFoundError):  # another process of the same run (torchrun) was first
+                os.replace(p, directory / m["name"])
         elif p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
