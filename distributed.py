@@ -38,7 +38,6 @@ import atexit
 import contextlib
 import ctypes
 import os
-import shutil
 import sys
 import traceback
 import warnings
@@ -60,6 +59,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from data.dataset import IGNORE
+from data.files import temp_path
 from lora import LoRALinear, base_parameter, init_adapter, lora_layers, merge
 from model import Transformer, checkpoint_state, hf_name, replace_dir, rope_inv_freq
 
@@ -292,18 +292,15 @@ def from_main(fn):
 # -----------------------------------------------------------------------------
 # 5. Checkpoints
 
-SHARDED_TMP = ".ckpt.tmp-sharded"  # one name every rank knows (no pid in it): train.py removes it at start-up
-
 
 def save_checkpoint(model, optimizer, trainer_state: dict, out: Path) -> None:
     """OUT/ckpt in torch.distributed.checkpoint's format: every rank writes its shards of the
     trainable weights and their AdamW state into one temporary directory, rank 0 adds
     trainer_state.pt (step, RNG, settings) and renames it into place once every rank is done.
     A crash at any point leaves the previous checkpoint whole."""
-    tmp = out / SHARDED_TMP
-    if is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
+    # One temporary directory for all ranks, named after rank 0's pid like every other temporary
+    # (data/files.py: temp_path), so start-up cleanup finds it if the run is killed mid-save.
+    tmp = from_main(lambda: temp_path(out / "ckpt"))
     dcp.save(training_state(model, optimizer), checkpoint_id=tmp)
     if is_main():
         # No CUDA RNG: a resumed run may see other GPUs, and training draws nothing from them.

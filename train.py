@@ -430,7 +430,6 @@ def run(cfg: TrainConfig) -> dict:
     check_output_dir(out, "--out")  # before any work, not after it
     if distributed.is_main():
         remove_stale_temps(out)  # what a run killed while saving left
-        shutil.rmtree(out / distributed.SHARDED_TMP, ignore_errors=True)  # one name for all ranks: no pid in it
     distributed.barrier()
     model_path = Path(cfg.model) if cfg.model else default_model_path()
     tok = Tokenizer.from_pretrained(model_path)
