@@ -59,7 +59,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from data.dataset import IGNORE
-from data.files import temp_path
+from data.files import temp_path, write_json
 from lora import LoRALinear, base_parameter, init_adapter, lora_layers, merge
 from model import Transformer, checkpoint_state, hf_name, replace_dir, rope_inv_freq
 
@@ -306,6 +306,7 @@ def save_checkpoint(model, optimizer, trainer_state: dict, out: Path) -> None:
         # No CUDA RNG: a resumed run may see other GPUs, and training draws nothing from them.
         rng = trainer_state["rng"] | {"cuda": []}
         torch.save(trainer_state | {"rng": rng, "sharded": True, "world_size": world()}, tmp / "trainer_state.pt")
+        write_json(tmp / "train_config.json", trainer_state["config"])  # as one process's ckpt/ holds it
         replace_dir(tmp, out / "ckpt")
     barrier()
 
