@@ -565,3 +565,18 @@ def test_bad_arguments_fused_linear(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         fused_linear_pt_loss(**args)
+
+
+def test_bench_row_of_a_failing_library():
+    """An optional library that raises costs its own row of the benchmark table, not the table;
+    one of ptalign's own methods raising still stops it."""
+    from kernels import bench
+
+    cpu = torch.device("cpu")
+    leaves, targets, ut_mask = bench.make_inputs(8, 16, None, torch.float32, cpu)
+    fails = lambda *args: 1 / 0  # noqa: E731
+    rest = (targets, ut_mask, 1.0)
+    row = bench.run_row(bench.Method("lib", "logits", fails, mle_only=True), leaves, rest, None, 1, {})
+    assert row["check"].startswith("error: ZeroDivisionError") and "ms" not in row
+    with pytest.raises(ZeroDivisionError):
+        bench.run_row(bench.Method("ours", "logits", fails), leaves, rest, None, 1, {})

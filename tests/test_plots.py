@@ -49,3 +49,11 @@ def test_kernel_bench_png(tmp_path):
     ]
     write_png(rows, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_kernel_bench_png_with_nothing_timed(tmp_path):
+    """A table where every row failed its check or was not installed writes no chart, and no error."""
+    from kernels.bench import write_png
+
+    write_png([{"method": "cce-linear", "n": 8, "v": 16, "h": 4, "check": "not installed"}], tmp_path / "bench.png")
+    assert not (tmp_path / "bench.png").exists()
