@@ -19,7 +19,7 @@ from data.cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, Parser, add_
 from data.files import sha256
 
 # The cpu preset makes the whole default run (dataset, both evaluations, training) finish in
-# under 30 minutes on 2 cores with the 135M default model; the gpu preset is for a 7B/8B model
+# under 20 minutes on 2 cores with the 135M default model; the gpu preset is for a 7B/8B model
 # on one GPU. Any flag given overrides its preset.
 PRESET_NAMES = ("cpu", "gpu")
 LORA_LR = {"cpu": 5e-4, "gpu": 2e-4}  # each preset's --lr under --lora-rank
@@ -76,7 +76,7 @@ class TrainConfig:
     batch_size: int = machine(4, 4, "examples per micro-batch (per process under torchrun)", type=POSITIVE)
     grad_accum: int = machine(1, 8, "micro-batches per optimizer step", type=POSITIVE)
     lr: float = machine(
-        2e-5,
+        5e-5,
         1e-5,
         f"peak learning rate; default: the preset's, for LoRA{presets_note(LORA_LR)} or full fine-tuning",
         type=POSITIVE_FLOAT,
@@ -120,8 +120,8 @@ class TrainConfig:
         "this project's addition); --no-anchor leaves them out",
         action=argparse.BooleanOptionalAction,
     )
-    questions: int = machine(64, 64, "harmful questions to generate when --data is not given", type=POSITIVE)
-    anchors: int = machine(96, 96, "harmless anchor questions to generate when --data is not given", type=COUNT)
+    questions: int = machine(32, 64, "harmful questions to generate when --data is not given", type=POSITIVE)
+    anchors: int = machine(48, 96, "harmless anchor questions to generate when --data is not given", type=COUNT)
     inference_dtype: str = machine(
         "bfloat16",
         "bfloat16",
