@@ -169,3 +169,16 @@ def test_judge_calibration_is_the_midpoint_of_the_exemplar_sides(monkeypatch):
 
     monkeypatch.setattr(ptalign, "judge_harm", judge_harm)
     assert ptalign.calibrate_judge(None, None, seeds) == pytest.approx((0.2 + 0.6) / 2)
+
+
+def test_refusal_separation_measures():
+    """The separation script's measures on hand-made scores: AUC counts ties as half, and
+    harmful_above is the share of harmful scores above the benign cut at that over-refusal."""
+    from refusal_separation import harmful_above
+    from tune_request_gate import auc
+
+    labels = [True] * 4 + [False] * 20
+    scores = [5.0, 3.0, 1.0, -1.0] + [4.0] + [0.0] * 19
+    assert auc(scores, labels) == (20 + 19 + 19 + 0) / 80
+    assert harmful_above(scores, labels, 0.0) == 0.25  # above every benign score: only 5.0
+    assert harmful_above(scores, labels, 0.05) == 0.75  # 1 of 20 benign may be above: cut at 0.0
