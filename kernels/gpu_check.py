@@ -16,7 +16,7 @@ Stages, each logged to DIR/<stage>.log, with DIR/summary.json saying how each en
 
 The machine needs the default model in its cache (~/.cache/ptalign, fetched on first use)
 or a checkpoint directory given with --model. Stages run one after another even when one
-fails; the exit status is 0 only if all passed.
+fails or runs past --stage-seconds (then it is stopped); the exit status is 0 only if all passed.
 """
 
 import argparse
@@ -60,14 +60,20 @@ def commands(out, model):
     )
 
 
-def run_stage(name, command, out):
-    """Run one stage with its output in out/<name>.log; (return code, seconds)."""
+def run_stage(name, command, out, limit=None):
+    """Run one stage with its output in out/<name>.log; (return code, seconds). A stage still
+    running after `limit` seconds is stopped with return code 124 (as timeout(1) does), so
+    that one hung stage cannot cost the others on a machine lent for minutes."""
     start = time.perf_counter()
     print(f"== {name}: {' '.join(command)}", flush=True)
     with open(out / f"{name}.log", "w") as log:
-        code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        try:
+            code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=limit).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
     seconds = time.perf_counter() - start
-    print(f"   {'ok' if code == 0 else f'FAILED ({code})'} in {seconds:.0f} s, log: {out / f'{name}.log'}", flush=True)
+    how = "ok" if code == 0 else f"TIMED OUT after {limit} s" if code == 124 else f"FAILED ({code})"
+    print(f"   {how} in {seconds:.0f} s, log: {out / f'{name}.log'}", flush=True)
     return code, seconds
 
 
@@ -76,6 +82,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/gpu_check", help="folder for every log and result (default: runs/gpu_check)")
     p.add_argument("--model", help="checkpoint directory for the train stage (default: the embedded default model)")
     p.add_argument("--skip", nargs="+", choices=STAGES, default=[], help="stages to leave out")
+    p.add_argument("--stage-seconds", type=int, default=600, help="stop a stage after this many seconds (default: 600)")
     args = p.parse_args(argv)
     import torch
 
@@ -87,7 +94,7 @@ def main(argv=None):
     summary = {}
     for name, command in commands(out, args.model).items():
         if name not in args.skip:
-            code, seconds = run_stage(name, command, out)
+            code, seconds = run_stage(name, command, out, args.stage_seconds)
             summary[name] = dict(command=command, returncode=code, seconds=round(seconds, 1))
     write_json(out / "summary.json", summary)
     sys.exit(0 if all(s["returncode"] == 0 for s in summary.values()) else 1)

@@ -2,7 +2,7 @@
 train.py command line is one train.py accepts (the GPU stages themselves need CUDA)."""
 
 from data.dataset import load_records
-from kernels.gpu_check import commands, smoke_dataset
+from kernels.gpu_check import commands, run_stage, smoke_dataset
 from train_config import parse_args
 
 
@@ -19,3 +19,12 @@ def test_train_command_is_a_20_step_bf16_run(tmp_path):
     cfg = parse_args(command[2:])
     assert (cfg.max_steps, cfg.precision, cfg.skip_eval) == (20, "bf16", True)
     assert cfg.data == str(tmp_path / "smoke.jsonl")
+
+
+def test_a_stage_past_its_limit_is_stopped_and_the_check_goes_on(tmp_path):
+    code, seconds = run_stage(
+        "hang", ["python3", "-c", "print('started', flush=True); import time; time.sleep(30)"], tmp_path, 1
+    )
+    assert code == 124 and seconds < 20
+    assert (tmp_path / "hang.log").read_text() == "started\n"
+    assert run_stage("fine", ["python3", "-c", "print('done')"], tmp_path, 10)[0] == 0
