@@ -22,7 +22,8 @@ from data.files import sha256
 # under 20 minutes on 2 cores with the 135M default model; the gpu preset is for a 7B/8B model
 # on one GPU. Any flag given overrides its preset.
 PRESET_NAMES = ("cpu", "gpu")
-LORA_LR = {"cpu": 5e-4, "gpu": 2e-4}  # each preset's --lr under --lora-rank
+# each preset's --lr under --lora-rank; the cpu one chosen on the dev split by the same rule as --lr
+LORA_LR = {"cpu": 1.5e-4, "gpu": 2e-4}
 
 
 def presets_note(values: dict) -> str:
@@ -76,9 +77,11 @@ class TrainConfig:
     batch_size: int = machine(4, 4, "examples per micro-batch (per process under torchrun)", type=POSITIVE)
     grad_accum: int = machine(1, 8, "micro-batches per optimizer step", type=POSITIVE)
     lr: float = machine(
-        5e-5,
         1e-5,
-        f"peak learning rate; default: the preset's, for LoRA{presets_note(LORA_LR)} or full fine-tuning",
+        1e-5,
+        "peak learning rate (the cpu preset's 1e-5 is the largest whose over-refusal stayed within the targets, "
+        "with a prompt to spare, on the dev split with the default model); "
+        f"default: the preset's, for LoRA{presets_note(LORA_LR)} or full fine-tuning",
         type=POSITIVE_FLOAT,
     )
     warmup_steps: int | None = option(
