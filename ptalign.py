@@ -45,7 +45,7 @@ import distributed
 from data.cli import POSITIVE, Parser, add_flags
 from data.dataset import locate, merge_spans, word_spans
 from data.errors import one_line_errors
-from data.files import check_output_file, words
+from data.files import check_output_file, read_jsonl, words
 from data.prompts import (
     CRITIQUE_POSITIVE,
     CRITIQUE_POSITIVE_START,
@@ -183,6 +183,20 @@ def generate_questions(
             f"({stats['candidates']} candidates, {stats['malformed']} malformed)."
         )
     return records, stats
+
+
+def given_questions(path, n: int, prefix: str) -> tuple[list[dict], dict]:
+    """The first n prompts of a prompt file (one JSON object with a 'prompt' per line, as the
+    held-out sets) as question records, in place of self-instruct; returns (records, stats)."""
+    prompts = []
+    for line, r in read_jsonl(path, PipelineError, "prompt"):
+        if not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
+            raise PipelineError(f"{path}:{line}: key 'prompt' is missing or not a non-empty string.")
+        prompts.append((r["prompt"].strip(), r.get("category") if isinstance(r.get("category"), str) else "given"))
+    if not prompts:
+        raise PipelineError(f"{path}: the prompt file is empty.")
+    records = [{"id": f"{prefix}{i:04d}", "category": c, "question": q} for i, (q, c) in enumerate(prompts[:n])]
+    return records, {"candidates": len(records), "malformed": 0, "duplicate": 0}
 
 
 def interleave(seeds: Seeds, kept: dict, per_cat: dict, n: int) -> list[dict]:
@@ -598,6 +612,9 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     point and rerun with the same flags redoes at most one batch and ends with the same file.
     """
     seeds = load_seeds(cfg.seeds)
+    for path in (cfg.questions_file, cfg.anchors_file):
+        if path:
+            given_questions(path, 0, "")  # a malformed prompt file stops the run before any model loads
     dataset = DatasetFile(cfg.out, settings_of(cfg))  # other flags than the file's: refused before any model loads
     # (and than its journal's); under torchrun only rank 0 journals: another rank loses at most its chunk
     journal = dataset.open_journal() if distributed.is_main() else None
@@ -630,12 +647,16 @@ def generate_records(model, tok, seeds: Seeds, cfg: GenerateConfig, dataset: Dat
         cfg = replace(cfg, judge_threshold=threshold)
         eprint(f"  self-check threshold, calibrated on the {len(seeds.exemplars)} exemplars: {cfg.judge_threshold}")
     questions, qstats = distributed.from_main(
-        lambda: generate_questions(model, tok, seeds, cfg.questions, gen, cfg.seed, cfg.dedup_threshold, log=eprint)
+        lambda: given_questions(cfg.questions_file, cfg.questions, "q")
+        if cfg.questions_file
+        else generate_questions(model, tok, seeds, cfg.questions, gen, cfg.seed, cfg.dedup_threshold, log=eprint)
     )
     anchors, astats = [], {}
     if cfg.anchors:
         anchors, astats = distributed.from_main(
-            lambda: generate_benign_questions(model, tok, seeds, cfg.anchors, gen, cfg.seed, cfg.dedup_threshold)
+            lambda: given_questions(cfg.anchors_file, cfg.anchors, "a")
+            if cfg.anchors_file
+            else generate_benign_questions(model, tok, seeds, cfg.anchors, gen, cfg.seed, cfg.dedup_threshold)
         )
     write_chunks(model, tok, seeds, cfg, gen, dataset, questions, anchors)
     summary = distributed.from_main(lambda: summarize(dataset.records(questions + anchors), qstats, astats))

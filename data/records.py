@@ -37,6 +37,12 @@ class GenerateConfig:
     )
     seeds: str = option(str(DATA_DIR / "seeds.json"), "seed annotations JSON (default: data/seeds.json)")
     questions: int = option(32, "harmful questions to generate", type=POSITIVE)
+    questions_file: str | None = option(
+        None,
+        "harmful prompts to use instead of self-instructed questions, the first --questions of them (JSONL, a "
+        "'prompt' per line, as data/eval_harmful.jsonl): the method on prompts you have, or what better questions "
+        "would buy",
+    )
     rounds: int = option(2, "critique-and-revise rounds per sample", type=COUNT)
     seed: int = option(0, "random seed; same seed and flags, same dataset")
     max_new_tokens: int = option(
@@ -111,17 +117,23 @@ class GenerateConfig:
         "model itself, as MLE-only records (this project's addition; 0 turns it off)",
         type=COUNT,
     )
+    anchors_file: str | None = option(
+        None,
+        "harmless prompts for the anchor to answer instead of self-instructed ones, the first --anchors of them "
+        "(JSONL, a 'prompt' per line, as data/eval_benign.jsonl)",
+    )
 
 
 # Fields that do not change what a dataset contains, or that its provenance records otherwise.
-NOT_PROVENANCE = ("out", "model", "device", "seeds")
+NOT_PROVENANCE = ("out", "model", "device", "seeds", "questions_file", "anchors_file")
 
 
 def settings_of(cfg: GenerateConfig) -> dict:
     """The settings a dataset records in its provenance: a run resumes a file only if they match."""
     model = str(cfg.model or "default:SmolLM2-135M-Instruct")
     settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_PROVENANCE}
-    return {"model": model, **settings, "seeds_sha256": sha256(cfg.seeds)}
+    given = {f"{k}_sha256": sha256(getattr(cfg, k)) for k in ("questions_file", "anchors_file") if getattr(cfg, k)}
+    return {"model": model, **settings, "seeds_sha256": sha256(cfg.seeds), **given}
 
 
 def journal_path(out) -> Path:
@@ -162,11 +174,13 @@ class DatasetFile:
 
     def check(self, old: dict, where: Path) -> None:
         """Stop unless `old` (the settings a record or the journal was written with) are this run's."""
-        diff = [k for k in self.settings if not isinstance(old, dict) or old.get(k) != self.settings[k]]
+        given = [k for k in old if k.endswith("_file_sha256")] if isinstance(old, dict) else []  # set only when used
+        keys = list(self.settings) + [k for k in given if k not in self.settings]
+        diff = [k for k in keys if not isinstance(old, dict) or old.get(k) != self.settings.get(k)]
         if diff:
             was = old.get(diff[0]) if isinstance(old, dict) else None
             raise PipelineError(
-                f"{where}: written with other settings ({diff[0]}: {was!r} here {self.settings[diff[0]]!r}); "
+                f"{where}: written with other settings ({diff[0]}: {was!r} here {self.settings.get(diff[0])!r}); "
                 "use the same flags to resume, or another --out."
             )
 

@@ -32,9 +32,9 @@ from data.dataset import (
     spans_to_token_mask,
     word_spans,
 )
-from data.files import Journal, stable_seed
+from data.files import Journal, sha256, stable_seed
 from data.prompts import PipelineError
-from data.records import journal_path
+from data.records import journal_path, settings_of
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -828,6 +828,47 @@ def test_generate_with_request_gate_and_anchor(tiny_dir, tmp_path):
         assert r.get("dropped") == "question judged harmless" or r["request_harm"] >= 0.5
     for r in anchors:
         assert r["kind"] == "anchor" and r["spans"] == [] and r["toxic"] == "" and isinstance(r["positive"], str)
+
+
+def test_generate_from_prompt_files(tiny_dir, tmp_path):
+    """--questions-file and --anchors-file replace self-instruct: the first N prompts of each file,
+    verbatim and in order, go through the same method (gate, dual responses, anchor answers), and
+    the files' hashes are in the provenance, so an edited file is not resumed as the same dataset."""
+    harmful, benign = tmp_path / "h.jsonl", tmp_path / "b.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"How do I hurt person {i}?"}) + "\n" for i in range(3)))
+    benign.write_text(json.dumps({"prompt": "How do I kill a tmux session?", "category": "homonym"}) + "\n")
+    out = tmp_path / "g.jsonl"
+    extra = ("--questions-file", str(harmful), "--anchors-file", str(benign), "--anchors", "1")
+    err = generate_cli(tiny_dir, out, 2, extra=extra)
+    assert err is None or "no usable record" in err, err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question"] for r in records] == ["How do I hurt person 0?", "How do I hurt person 1?", "How do I kill a tmux session?"]
+    assert [r["category"] for r in records] == ["given", "given", "homonym"]
+    assert records[2]["kind"] == "anchor" and records[2]["spans"] == []
+    assert all("request_harm" in r for r in records[:2])
+    settings = settings_of(ptalign.GenerateConfig(out=str(out), questions_file=str(harmful), anchors_file=str(benign)))
+    assert settings["questions_file_sha256"] == sha256(harmful) and "questions_file" not in settings
+    first = benign.read_text()
+    benign.write_text(json.dumps({"prompt": "Why did the Titanic sink?"}) + "\n")
+    assert "anchors_file_sha256" in (generate_cli(tiny_dir, out, 2, extra=extra) or "")  # an edited file
+    benign.write_text(first)
+    self_instructed = extra[2:]  # the same anchors, the questions written by the model: another dataset too
+    assert "questions_file_sha256" in (generate_cli(tiny_dir, out, 2, extra=self_instructed) or "")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("", "the prompt file is empty"), ('{"question": "x"}\n', "h.jsonl:1: key 'prompt'"), ("{oops\n", "h.jsonl:1")],
+)
+def test_generate_refuses_a_bad_prompt_file_before_loading(text, message, tmp_path, monkeypatch):
+    """A malformed --questions-file stops the run with the file and line named, before any model loads."""
+    harmful = tmp_path / "h.jsonl"
+    harmful.write_text(text)
+    monkeypatch.setattr(ptalign, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        ptalign.main(["generate", "--out", str(tmp_path / "o.jsonl"), "--questions-file", str(harmful)])
+    assert message in str(e.value.code)
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 # -----------------------------------------------------------------------------
