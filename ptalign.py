@@ -647,16 +647,20 @@ def generate_records(model, tok, seeds: Seeds, cfg: GenerateConfig, dataset: Dat
         cfg = replace(cfg, judge_threshold=threshold)
         eprint(f"  self-check threshold, calibrated on the {len(seeds.exemplars)} exemplars: {cfg.judge_threshold}")
     questions, qstats = distributed.from_main(
-        lambda: given_questions(cfg.questions_file, cfg.questions, "q")
-        if cfg.questions_file
-        else generate_questions(model, tok, seeds, cfg.questions, gen, cfg.seed, cfg.dedup_threshold, log=eprint)
+        lambda: (
+            given_questions(cfg.questions_file, cfg.questions, "q")
+            if cfg.questions_file
+            else generate_questions(model, tok, seeds, cfg.questions, gen, cfg.seed, cfg.dedup_threshold, log=eprint)
+        )
     )
     anchors, astats = [], {}
     if cfg.anchors:
         anchors, astats = distributed.from_main(
-            lambda: given_questions(cfg.anchors_file, cfg.anchors, "a")
-            if cfg.anchors_file
-            else generate_benign_questions(model, tok, seeds, cfg.anchors, gen, cfg.seed, cfg.dedup_threshold)
+            lambda: (
+                given_questions(cfg.anchors_file, cfg.anchors, "a")
+                if cfg.anchors_file
+                else generate_benign_questions(model, tok, seeds, cfg.anchors, gen, cfg.seed, cfg.dedup_threshold)
+            )
         )
     write_chunks(model, tok, seeds, cfg, gen, dataset, questions, anchors)
     summary = distributed.from_main(lambda: summarize(dataset.records(questions + anchors), qstats, astats))
