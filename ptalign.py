@@ -45,7 +45,7 @@ import distributed
 from data.cli import POSITIVE, Parser, add_flags
 from data.dataset import locate, merge_spans, word_spans
 from data.errors import one_line_errors
-from data.files import check_output_file, read_jsonl, words
+from data.files import check_output_file, words
 from data.prompts import (
     CRITIQUE_POSITIVE,
     CRITIQUE_POSITIVE_START,
@@ -188,14 +188,13 @@ def generate_questions(
 def given_questions(path, n: int, prefix: str) -> tuple[list[dict], dict]:
     """The first n prompts of a prompt file (one JSON object with a 'prompt' per line, as the
     held-out sets) as question records, in place of self-instruct; returns (records, stats)."""
-    prompts = []
-    for line, r in read_jsonl(path, PipelineError, "prompt"):
-        if not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
-            raise PipelineError(f"{path}:{line}: key 'prompt' is missing or not a non-empty string.")
-        prompts.append((r["prompt"].strip(), r.get("category") if isinstance(r.get("category"), str) else "given"))
-    if not prompts:
-        raise PipelineError(f"{path}: the prompt file is empty.")
-    records = [{"id": f"{prefix}{i:04d}", "category": c, "question": q} for i, (q, c) in enumerate(prompts[:n])]
+    from evaluation import load_prompts  # it imports this module: imported when needed
+
+    prompts = load_prompts(path, required=("prompt",))[:n]
+    category = lambda r: r["category"] if isinstance(r.get("category"), str) else "given"
+    records = [
+        {"id": f"{prefix}{i:04d}", "category": category(r), "question": r["prompt"]} for i, r in enumerate(prompts)
+    ]
     return records, {"candidates": len(records), "malformed": 0, "duplicate": 0}
 
 

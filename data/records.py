@@ -132,8 +132,8 @@ def settings_of(cfg: GenerateConfig) -> dict:
     """The settings a dataset records in its provenance: a run resumes a file only if they match."""
     model = str(cfg.model or "default:SmolLM2-135M-Instruct")
     settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_PROVENANCE}
-    given = {f"{k}_sha256": sha256(getattr(cfg, k)) for k in ("questions_file", "anchors_file") if getattr(cfg, k)}
-    return {"model": model, **settings, "seeds_sha256": sha256(cfg.seeds), **given}
+    given = {f"{k}_sha256": getattr(cfg, k) and sha256(getattr(cfg, k)) for k in ("questions_file", "anchors_file")}
+    return {"model": model, **settings, "seeds_sha256": sha256(cfg.seeds), **given}  # None: self-instructed
 
 
 def journal_path(out) -> Path:
@@ -174,13 +174,11 @@ class DatasetFile:
 
     def check(self, old: dict, where: Path) -> None:
         """Stop unless `old` (the settings a record or the journal was written with) are this run's."""
-        given = [k for k in old if k.endswith("_file_sha256")] if isinstance(old, dict) else []  # set only when used
-        keys = list(self.settings) + [k for k in given if k not in self.settings]
-        diff = [k for k in keys if not isinstance(old, dict) or old.get(k) != self.settings.get(k)]
+        diff = [k for k in self.settings if not isinstance(old, dict) or old.get(k) != self.settings[k]]
         if diff:
             was = old.get(diff[0]) if isinstance(old, dict) else None
             raise PipelineError(
-                f"{where}: written with other settings ({diff[0]}: {was!r} here {self.settings.get(diff[0])!r}); "
+                f"{where}: written with other settings ({diff[0]}: {was!r} here {self.settings[diff[0]]!r}); "
                 "use the same flags to resume, or another --out."
             )
 

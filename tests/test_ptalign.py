@@ -859,7 +859,7 @@ def test_generate_from_prompt_files(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("", "the prompt file is empty"), ('{"question": "x"}\n', "h.jsonl:1: key 'prompt'"), ("{oops\n", "h.jsonl:1")],
+    [("", "prompt file is empty"), ('{"question": "x"}\n', "h.jsonl:1: key 'prompt'"), ("{oops\n", "h.jsonl:1")],
 )
 def test_generate_refuses_a_bad_prompt_file_before_loading(text, message, tmp_path, monkeypatch):
     """A malformed --questions-file stops the run with the file and line named, before any model loads."""
