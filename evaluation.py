@@ -24,13 +24,14 @@ import math
 import re
 import time
 from functools import partial
+from itertools import repeat
 from pathlib import Path
 
 import distributed
 from data import DATA_DIR
 from data.cli import POSITIVE
 from data.dataset import locate, merge_spans, spans_to_token_mask, word_spans
-from data.files import pyplot, read_json, read_jsonl, save_figure, write_json
+from data.files import pyplot, read_json, read_jsonl, save_figure, sha256, write_json
 from data.prompts import REFUSAL_PHRASES, REFUSAL_PREFIXES, PipelineError, is_refusal, load_seeds
 from generate import GenSettings, chat, load, response_logprobs
 from ptalign import SpanRule, contrast_scores, eprint, judge_harm, margin_spans, quote_spans, rank_spans
@@ -71,6 +72,25 @@ def require_strings(path, n: int, record: dict, keys) -> None:
             raise PipelineError(f"{path}:{n}: key {key!r} is missing or not a non-empty string.")
 
 
+PUBLIC_DIR = DATA_DIR / "public"  # prompt sets written by other people: held out, report only
+
+
+def public_prompts() -> dict[str, list[dict]]:
+    """The public prompt sets by kind: {"harmful": [...], "benign": [...]} (benign: built to
+    trigger over-refusal), every file of data/public/ whose name ends in _harmful or _benign."""
+    sets = {"harmful": [], "benign": []}
+    for path in sorted(PUBLIC_DIR.glob("*.jsonl")):
+        kind = path.stem.rsplit("_", 1)[-1]
+        if kind in sets:
+            sets[kind] += [r | {"id": f"{path.stem}/{r['id']}"} for r in load_prompts(path)]
+    return {k: v for k, v in sets.items() if v}
+
+
+def public_fingerprint() -> dict[str, str]:
+    """The public files an evaluation used, by content: a report is reused only for the same ones."""
+    return {p.name: sha256(p) for p in sorted(PUBLIC_DIR.glob("*.jsonl"))}
+
+
 def response_logprob(model, tok, pairs, batch_size: int = 8):
     """Per-token log p(response | question in the chat template) for (question, response) pairs."""
     return response_logprobs(model, tok, [q for q, _ in pairs], [tok.encode(r) for _, r in pairs], batch_size)
@@ -81,20 +101,27 @@ def mean(xs):
 
 
 def evaluate(
-    model, tok, harmful, benign, dataset=None, max_new_tokens: int = 64, batch_size: int = 16, log=print
+    model, tok, harmful, benign, dataset=None, max_new_tokens: int = 64, batch_size: int = 16, log=print, public=None
 ) -> dict:
     """The scoreboard: refusal rates, judge harm score, helpfulness, and (with a dataset) margins.
 
     Greedy decoding, fixed max_new_tokens, the same settings every time, so two checkpoints
-    are compared on the same footing.
+    are compared on the same footing. `public` ({"harmful": [...], "benign": [...]}, prompts
+    written by other people, data/public/) adds their refusal rates: the check that a gain on
+    the project's own prompts is not a gain on its own writing style alone.
     """
     t0 = time.perf_counter()
     gen = GenSettings(max_new_tokens, 0.0, 1.0, batch_size)
     # Under torchrun each rank takes whole batches of each list, and every rank gets all results.
     split = partial(distributed.map_batches, batch_size=batch_size)
-    log(f"  eval: {len(harmful)} harmful and {len(benign)} benign prompts, greedy, {max_new_tokens} new tokens")
+    sets = {"harmful": harmful, "benign": benign} | {f"public_{k}": v for k, v in (public or {}).items()}
+    log(
+        "  eval: "
+        + ", ".join(f"{len(v)} {k}" for k, v in sets.items())
+        + f" prompts, greedy, {max_new_tokens} new tokens"
+    )
     replies = {}
-    for name, prompts in (("harmful", harmful), ("benign", benign)):
+    for name, prompts in sets.items():
         replies[name] = split(lambda ps: chat(model, tok, ps, gen, 0, greedy=True), [r["prompt"] for r in prompts])
         log(f"  eval: {name} replies done ({time.perf_counter() - t0:.0f} s)")
     refused = {name: [is_refusal(x) for x in xs] for name, xs in replies.items()}
@@ -110,16 +137,18 @@ def evaluate(
         "n_references": len(refs),
         "settings": {"max_new_tokens": max_new_tokens, "decoding": "greedy", "batch_size": batch_size},
     }
+    report |= {f"{name}_refusal_rate": mean(refused[name]) for name in sets if name.startswith("public_")}
+    report |= {f"n_{name}": len(sets[name]) for name in sets if name.startswith("public_")}
     if dataset:
         report |= margins(model, tok, dataset, batch_size)
     report["samples"] = {
-        "harmful": [
-            {"id": r["id"], "reply": x, "refusal": f, "harm": round(j, 4)}
-            for r, x, f, j in zip(harmful, replies["harmful"], refused["harmful"], judge)
-        ],
-        "benign": [
-            {"id": r["id"], "reply": x, "refusal": f} for r, x, f in zip(benign, replies["benign"], refused["benign"])
-        ],
+        name: [
+            {"id": r["id"], "reply": x, "refusal": f}
+            | ({"harm": round(j, 4)} if name == "harmful" else {})
+            | ({"sounds_dangerous": True} if r.get("sounds_dangerous") else {})
+            for r, x, f, j in zip(prompts, replies[name], refused[name], judge if name == "harmful" else repeat(None))
+        ]
+        for name, prompts in sets.items()
     }
     report["seconds"] = time.perf_counter() - t0
     return report
@@ -166,34 +195,116 @@ def masked_token_probs(tok, records, toxic_logprobs) -> list[float]:
 
 
 # -----------------------------------------------------------------------------
+# Uncertainty: how far a rate can be trusted, and whether two runs really differ
+#
+# One benign prompt of 174 is 0.6 points, so every rate comes with its 95% Wilson interval,
+# and two runs on the same prompts are compared by the prompts they disagree on (McNemar).
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of k successes in n trials (well-behaved near 0 and 1)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> float:
+    """Exact two-sided McNemar p-value for paired outcomes of two runs on the same prompts:
+    only the discordant prompts count, and under no difference each is a fair coin."""
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes of different lengths ({len(a)} and {len(b)})")
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    n, k = only_a + only_b, min(only_a, only_b)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def cohen_kappa(a: list, b: list) -> float:
+    """Cohen's kappa of two labellings of the same items: agreement beyond what chance gives."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"kappa needs two labellings of the same non-empty items ({len(a)} and {len(b)})")
+    n, labels = len(a), sorted(set(a) | set(b))
+    p_o = sum(x == y for x, y in zip(a, b)) / n
+    p_e = sum((a.count(c) / n) * (b.count(c) / n) for c in labels)
+    return 1.0 if p_e == 1 else (p_o - p_e) / (1 - p_e)
+
+
+def refusal_flags(report: dict, kind: str, subset=None) -> dict[str, bool]:
+    """{prompt id: refused} of one kind of prompt ("harmful" or "benign") in a saved report;
+    `subset` keeps only the ids it contains."""
+    flags = {s["id"]: bool(s["refusal"]) for s in report["samples"][kind]}
+    return {i: f for i, f in flags.items() if subset is None or i in subset}
+
+
+# -----------------------------------------------------------------------------
 # Reports: a table, a chart, two reports side by side
 
 MAIN_METRICS = (
     "harmful_refusal_rate",
     "benign_refusal_rate",
     "benign_sounds_dangerous_refusal_rate",
+    "public_harmful_refusal_rate",
+    "public_benign_refusal_rate",
     "harm_score",
     "benign_reference_logprob",
     "pair_logprob_margin",
     "masked_token_p",
 )
-CHART_METRICS = ("harmful_refusal_rate", "benign_refusal_rate", "benign_sounds_dangerous_refusal_rate", "harm_score")
+CHART_METRICS = (
+    "harmful_refusal_rate",
+    "benign_refusal_rate",
+    "benign_sounds_dangerous_refusal_rate",
+    "public_harmful_refusal_rate",
+    "public_benign_refusal_rate",
+    "harm_score",
+)
 
 
 def report_table(reports: dict[str, dict]) -> str:
-    """Markdown table of the main metrics, one column per report, and the change when there are two."""
+    """Markdown table of the main metrics, one column per report; with two reports, the change
+    and, for each refusal rate, the paired McNemar p-value over the prompts both answered."""
     names = list(reports)
-    head = "| metric | " + " | ".join(names) + (" | change |" if len(names) == 2 else " |")
-    lines = [head, "|" + " --- |" * (len(names) + 1 + (len(names) == 2))]
+    pair = len(names) == 2
+    head = "| metric | " + " | ".join(names) + (" | change | p (McNemar) |" if pair else " |")
+    lines = [head, "|" + " --- |" * (len(names) + 1 + 2 * pair)]
     for m in MAIN_METRICS:
         vals = [reports[n].get(m) for n in names]
         if all(v is None for v in vals):
             continue
         cells = ["—" if v is None else f"{v:.3f}" for v in vals]
-        if len(names) == 2:
+        if pair:
             cells.append("—" if None in vals else f"{vals[1] - vals[0]:+.3f}")
+            p = paired_p(*reports.values(), m)
+            cells.append("—" if p is None else f"{p:.3g}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+RATE_SAMPLES = {  # refusal rate -> (the samples it counts, only the dangerous-sounding ones?)
+    "harmful_refusal_rate": ("harmful", False),
+    "benign_refusal_rate": ("benign", False),
+    "benign_sounds_dangerous_refusal_rate": ("benign", True),
+    "public_harmful_refusal_rate": ("public_harmful", False),
+    "public_benign_refusal_rate": ("public_benign", False),
+}
+
+
+def paired_p(a: dict, b: dict, metric: str) -> float | None:
+    """McNemar p-value of a refusal rate between two reports, paired by prompt id; None when
+    the metric is not a refusal rate or the reports share no prompt of its kind."""
+    if metric not in RATE_SAMPLES or "samples" not in a or "samples" not in b:
+        return None
+    kind, dangerous = RATE_SAMPLES[metric]
+    keep = lambda r: {
+        s["id"]: s["refusal"] for s in r["samples"].get(kind, []) if s.get("sounds_dangerous") or not dangerous
+    }
+    fa, fb = keep(a), keep(b)
+    shared = [i for i in fa if i in fb]
+    return mcnemar([fa[i] for i in shared], [fb[i] for i in shared]) if shared else None
 
 
 def bar_chart(reports: dict[str, dict], path) -> None:

@@ -377,33 +377,58 @@ def build_examples(records, tokenizer, max_len: int, loss: str = "both", anchor:
     return examples, stats
 
 
-def batches(examples: list[Example], batch_size: int, seed: int, epoch: int, pad_id: int):
+def build_pairs(records, tokenizer, max_len: int):
+    """(positive, toxic) example pairs for the DPO baseline, both sides with every response token
+    a target (DPO compares whole-sequence log-probabilities); anchor records have no pair.
+
+    Returns (pairs, stats) as build_examples does.
+    """
+    pairs, stats = [], {"dropped_long_prompt": 0, "truncated": 0}
+    for r in records:
+        if r.get("kind") == "anchor":
+            continue
+        pos, tox = (encode_example(tokenizer, r["question"], r[side], None, max_len) for side in ("positive", "toxic"))
+        if pos is None or tox is None:
+            stats["dropped_long_prompt"] += 1
+        else:
+            stats["truncated"] += pos.truncated or tox.truncated
+            pairs.append((pos, tox))
+    return pairs, stats
+
+
+def batches(units: list, batch_size: int, seed: int, epoch: int, pad_id: int):
     """Length-bucketed batches in a shuffled order that depends only on (seed, epoch).
 
-    Examples are sorted by length within windows of 8 batches so a batch pads little,
-    and the batch order is shuffled so training does not see lengths in order.
-    Yields (ids, targets, ut_mask) as (B, T) tensors, right-padded.
+    A unit is an Example, or a tuple of Examples that must share a micro-batch (a DPO pair),
+    laid out as consecutive rows. Units are sorted by length within windows of 8 batches so a
+    batch pads little, and the batch order is shuffled so training does not see lengths in order.
+    Yields (ids, targets, ut_mask) as (rows, T) tensors, right-padded.
     """
+    flat = lambda unit: unit if isinstance(unit, tuple) else (unit,)
     rng = random.Random(seed * 1000003 + epoch)
-    order = list(range(len(examples)))
+    order = list(range(len(units)))
     rng.shuffle(order)
     window = batch_size * 8
     order = [
         i
         for w in range(0, len(order), window)
-        for i in sorted(order[w : w + window], key=lambda i: len(examples[i].ids))
+        for i in sorted(order[w : w + window], key=lambda i: max(len(e.ids) for e in flat(units[i])))
     ]
     groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(groups)
     for group in groups:
-        exs = [examples[i] for i in group]
-        T = max(len(e.ids) for e in exs)
-        ids = torch.full((len(exs), T), pad_id, dtype=torch.long)
-        targets = torch.full((len(exs), T), IGNORE, dtype=torch.long)
-        ut = torch.zeros((len(exs), T), dtype=torch.bool)
-        for b, e in enumerate(exs):
-            n = len(e.ids)
-            ids[b, :n] = torch.tensor(e.ids)
-            targets[b, :n] = torch.tensor(e.targets)
-            ut[b, :n] = torch.tensor(e.ut)
-        yield ids, targets, ut
+        yield pad_rows([e for i in group for e in flat(units[i])], pad_id)
+
+
+def pad_rows(exs: list[Example], pad_id: int):
+    """Examples as right-padded (ids, targets, ut_mask) tensors of one micro-batch."""
+    T = max(len(e.ids) for e in exs)
+    ids = torch.full((len(exs), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(exs), T), IGNORE, dtype=torch.long)
+    ut = torch.zeros((len(exs), T), dtype=torch.bool)
+    for b, e in enumerate(exs):
+        n = len(e.ids)
+        ids[b, :n] = torch.tensor(e.ids)
+        targets[b, :n] = torch.tensor(e.targets)
+        ut[b, :n] = torch.tensor(e.ut)
+    return ids, targets, ut
