@@ -33,6 +33,7 @@ from data.cli import POSITIVE
 from data.dataset import locate, merge_spans, spans_to_token_mask, word_spans
 from data.files import pyplot, read_json, read_jsonl, save_figure, sha256, write_json
 from data.prompts import REFUSAL_PHRASES, REFUSAL_PREFIXES, PipelineError, is_refusal, load_seeds
+from data.public import public_sets
 from generate import GenSettings, chat, load, response_logprobs
 from ptalign import SpanRule, contrast_scores, eprint, judge_harm, margin_spans, quote_spans, rank_spans
 
@@ -72,23 +73,18 @@ def require_strings(path, n: int, record: dict, keys) -> None:
             raise PipelineError(f"{path}:{n}: key {key!r} is missing or not a non-empty string.")
 
 
-PUBLIC_DIR = DATA_DIR / "public"  # prompt sets written by other people: held out, report only
-
-
 def public_prompts() -> dict[str, list[dict]]:
-    """The public prompt sets by kind: {"harmful": [...], "benign": [...]} (benign: built to
-    trigger over-refusal), every file of data/public/ whose name ends in _harmful or _benign."""
-    sets = {"harmful": [], "benign": []}
-    for path in sorted(PUBLIC_DIR.glob("*.jsonl")):
-        kind = path.stem.rsplit("_", 1)[-1]
-        if kind in sets:
-            sets[kind] += [r | {"id": f"{path.stem}/{r['id']}"} for r in load_prompts(path)]
-    return {k: v for k, v in sets.items() if v}
+    """The public prompt sets (data/public/) by role: {"harmful": [...], "benign": [...]}, the
+    benign ones built to trigger over-refusal; the file name's prefix says the role."""
+    sets = {}
+    for name, path in public_sets().items():
+        sets.setdefault(name.split("_", 1)[0], []).extend(load_prompts(path))
+    return sets
 
 
 def public_fingerprint() -> dict[str, str]:
     """The public files an evaluation used, by content: a report is reused only for the same ones."""
-    return {p.name: sha256(p) for p in sorted(PUBLIC_DIR.glob("*.jsonl"))}
+    return {name: sha256(path) for name, path in public_sets().items()}
 
 
 def response_logprob(model, tok, pairs, batch_size: int = 8):

@@ -29,7 +29,7 @@ import evaluation  # noqa: E402
 import train  # noqa: E402
 from data import DATA_DIR  # noqa: E402
 from data.dataset import load_records  # noqa: E402
-from data.errors import one_line_errors  # noqa: E402
+from data.errors import UserError, one_line_errors  # noqa: E402
 from data.files import pyplot, read_json, save_figure, sha256, write_json  # noqa: E402
 from generate import load  # noqa: E402
 
@@ -91,11 +91,12 @@ def train_run(run: dict, args) -> Path:
     argv += (
         run["flags"] + shlex.split(args.train_args) + ["--skip-eval"] + (["--model", args.model] if args.model else [])
     )
-    if (final / "config.json").is_file() and read_json(run["dir"] / "argv.json", ValueError, "argv") == argv:
+    done = run["dir"] / "finished.json"  # written last: an interrupted run is never taken for a finished one
+    if (final / "config.json").is_file() and done.is_file() and read_json(done, UserError, "run")["argv"] == argv:
         return final
-    write_json(run["dir"] / "argv.json", [])  # an interrupted run is never taken for a finished one
+    done.unlink(missing_ok=True)
     train.main(argv)
-    write_json(run["dir"] / "argv.json", argv)
+    write_json(done, {"argv": argv})
     return final
 
 
@@ -107,7 +108,7 @@ def evaluate_split(model_dir, split: str, out: Path, args, cache: dict) -> dict:
     key |= {"public": evaluation.public_fingerprint() if with_public else None}
     key |= {"weights": sha256(Path(model_dir) / "model.safetensors") if model_dir else "default"}
     path = out / f"eval_{split}.json"
-    if path.is_file() and (report := read_json(path, ValueError, "report")).get("run") == key:
+    if path.is_file() and (report := read_json(path, UserError, "report")).get("run") == key:
         return report
     if "model" not in cache or cache["dir"] != model_dir:
         cache.update(dir=model_dir, model=load(str(model_dir) if model_dir else args.model, None, "bfloat16"))
@@ -215,7 +216,7 @@ def probe_rocs(path) -> dict:
     """The probe's ROC on the held-out and public sets, keyed by panel title (scripts/probe.py's JSON)."""
     if not path:
         return {}
-    probe = read_json(path, ValueError, "probe report")
+    probe = read_json(path, UserError, "probe report")
     rocs = probe.get("roc", {})
     return {
         title: rocs[split]
