@@ -27,10 +27,11 @@ from functools import partial
 from pathlib import Path
 
 import distributed
+from common.charts import pyplot, save_figure
+from common.cli import POSITIVE
+from common.files import read_json, read_jsonl, write_json
 from data import DATA_DIR
-from data.cli import POSITIVE
 from data.dataset import locate, merge_spans, spans_to_token_mask, word_spans
-from data.files import pyplot, read_json, read_jsonl, save_figure, write_json
 from data.prompts import REFUSAL_PHRASES, REFUSAL_PREFIXES, PipelineError, is_refusal, load_seeds
 from generate import GenSettings, chat, load, response_logprobs
 from ptalign import SpanRule, contrast_scores, eprint, judge_harm, margin_spans, quote_spans, rank_spans

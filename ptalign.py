@@ -42,10 +42,10 @@ from dataclasses import dataclass, fields, replace
 from functools import partial
 
 import distributed
-from data.cli import POSITIVE, Parser, add_flags
+from common.cli import POSITIVE, Parser, add_flags
+from common.errors import one_line_errors
+from common.files import check_output_file, words
 from data.dataset import locate, merge_spans, word_spans
-from data.errors import one_line_errors
-from data.files import check_output_file, words
 from data.prompts import (
     CRITIQUE_POSITIVE,
     CRITIQUE_POSITIVE_START,

@@ -32,22 +32,21 @@ import torch
 import distributed
 import evaluation
 import ptalign
-from data import Tokenizer, default_model_path
-from data.dataset import IGNORE, batches, build_examples, load_records
-from data.errors import UserError, fail_point, one_line_errors
-from data.files import (
+from common.charts import pyplot, save_figure
+from common.errors import UserError, fail_point, one_line_errors
+from common.files import (
     append_jsonl,
     check_output_dir,
-    pyplot,
     read_json,
     read_jsonl,
     remove_stale_temps,
-    save_figure,
     sha256,
     temp_path,
     write_json,
     write_jsonl,
 )
+from data import Tokenizer, default_model_path
+from data.dataset import IGNORE, batches, build_examples, load_records
 from kernels import fused_linear_pt_loss
 from lora import add_lora, merged
 from model import Transformer, iter_checkpoint_tensors, replace_dir

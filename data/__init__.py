@@ -4,7 +4,7 @@
 - `data.default_model`: the embedded default model, fetched and converted on first use.
 - `data.dataset`: dual-dataset records to training tensors.
 - `data.prompts`: the seed loader and every prompt text; `data.records`: the generated dataset file.
-- `data.files`, `data.cli`: atomic writes, JSONL, hashes, words, charts; dataclass fields as flags.
+- `common.files`, `common.cli`: atomic writes, JSONL, hashes, words, charts; dataclass fields as flags.
 - `seeds.json`, `eval_*.jsonl`: the human annotations and the held-out prompt sets.
 """
 

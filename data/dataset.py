@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from data.errors import UserError
-from data.files import WORD, read_jsonl
+from common.errors import UserError
+from common.files import WORD, read_jsonl
 
 IGNORE = -100
 

@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from data.errors import UserError, one_line_errors
-from data.files import sha256, write_bytes_atomic, write_json
+from common.errors import UserError, one_line_errors
+from common.files import sha256, write_bytes_atomic, write_json
 
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderTensor

@@ -15,9 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from common.errors import UserError
+from common.files import read_json, words
 from data import DATA_DIR
-from data.errors import UserError
-from data.files import read_json, words
 
 # -----------------------------------------------------------------------------
 # The seed annotations: fewer than 50 human-written items (data/seeds.json)

@@ -6,7 +6,7 @@ resume), each answered with its exit code (2 for a flag, 1 for the rest), one li
 file, flag or value, no traceback, and every file that existed before byte for byte as it was.
 Most cases call the CLI's main() in process, as the interpreter would run it; a representative
 set runs the real scripts as subprocesses. Then interruptions: Ctrl-C (a real SIGINT) and
-SIGKILL at chosen moments of training (PTALIGN_FAIL_AT, data/errors.py), each resumed to the
+SIGKILL at chosen moments of training (PTALIGN_FAIL_AT, common/errors.py), each resumed to the
 uninterrupted run's checkpoint. (The dataset stage's interruption: test_ptalign.py.)
 """
 
@@ -29,7 +29,7 @@ import generate
 import kernels.bench
 import ptalign
 import train
-from data.files import TEMP_NAME, remove_stale_temps, temp_path
+from common.files import TEMP_NAME, remove_stale_temps, temp_path
 from model import CheckpointError
 
 # Fixtures of the other test modules: one intra-op thread, a random one-layer LLaMA with the default
@@ -91,7 +91,7 @@ def snapshot(root: Path) -> dict[Path, bytes]:
 
 
 def temp_leftovers(root: Path) -> list[Path]:
-    """Temporary files and directories of our writers (data.files.temp_path names) under root."""
+    """Temporary files and directories of our writers (common.files.temp_path names) under root."""
     return [p for p in root.rglob(".*") if TEMP_NAME.fullmatch(p.name)]
 
 

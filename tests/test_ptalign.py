@@ -21,6 +21,7 @@ import transformers
 
 import generate
 import ptalign
+from common.files import Journal, sha256, stable_seed
 from data import Tokenizer, prompts
 from data.dataset import (
     FUNCTION_WORDS,
@@ -32,7 +33,6 @@ from data.dataset import (
     spans_to_token_mask,
     word_spans,
 )
-from data.files import Journal, sha256, stable_seed
 from data.prompts import PipelineError
 from data.records import journal_path, settings_of
 
