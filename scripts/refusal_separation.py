@@ -9,8 +9,8 @@ the AUC. The table gives, per checkpoint, the AUC and the harmful prompts scored
 5% / 10% of the benign ones (the best harmful refusal any operating point could have at that
 over-refusal, by this score).
 
-    python tests/refusal_separation.py --split dev CHECKPOINT [CHECKPOINT ...]
-    python tests/refusal_separation.py --split eval runs/ptalign/final   # report only
+    python scripts/refusal_separation.py --split dev CHECKPOINT [CHECKPOINT ...]
+    python scripts/refusal_separation.py --split eval runs/ptalign/final   # report only
 """
 
 from __future__ import annotations

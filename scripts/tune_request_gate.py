@@ -6,8 +6,8 @@ the best balanced accuracy (the mean of the harmful prompts kept and the benign 
 the lower threshold on a tie, since every harmful question dropped is a lost record). The same
 threshold is then reported on data/eval_*.jsonl, which never tune anything.
 
-    python tests/tune_request_gate.py                  # markdown tables on stdout
-    python tests/tune_request_gate.py --dtype float32
+    python scripts/tune_request_gate.py                  # markdown tables on stdout
+    python scripts/tune_request_gate.py --dtype float32
 """
 
 from __future__ import annotations

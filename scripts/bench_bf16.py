@@ -6,7 +6,7 @@ sides of that trade on held-out-style prompts (the dev split): tokens/s, how man
 replies are identical, how far they agree token by token, and whether the refusal rule
 decides the same on both.
 
-    python tests/bench_bf16.py                  # markdown table on stdout
+    python scripts/bench_bf16.py                  # markdown table on stdout
 """
 
 from __future__ import annotations
