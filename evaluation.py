@@ -31,20 +31,18 @@ from common.charts import pyplot, save_figure
 from common.cli import POSITIVE
 from common.files import read_json, read_jsonl, write_json
 from data import DATA_DIR
-from data.dataset import locate, merge_spans, spans_to_token_mask, word_spans
-from data.prompts import REFUSAL_PHRASES, REFUSAL_PREFIXES, PipelineError, is_refusal, load_seeds
+from data.dataset import merge_spans, spans_to_token_mask
+from data.prompts import PipelineError, load_seeds
 from generate import GenSettings, chat, load, response_logprobs
 from ptalign import SpanRule, contrast_scores, eprint, judge_harm, margin_spans, quote_spans, rank_spans
+from rules import is_refusal, locate, word_spans
 
 __all__ = [
     "MAIN_METRICS",
-    "REFUSAL_PHRASES",
-    "REFUSAL_PREFIXES",
     "PipelineError",
     "bar_chart",
     "compare",
     "evaluate",
-    "is_refusal",
     "load_prompts",
     "load_span_gold",
     "report_table",

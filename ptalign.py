@@ -44,8 +44,8 @@ from functools import partial
 import distributed
 from common.cli import POSITIVE, Parser, add_flags
 from common.errors import one_line_errors
-from common.files import check_output_file, words
-from data.dataset import locate, merge_spans, word_spans
+from common.files import check_output_file
+from data.dataset import merge_spans
 from data.prompts import (
     CRITIQUE_POSITIVE,
     CRITIQUE_POSITIVE_START,
@@ -60,15 +60,9 @@ from data.prompts import (
     Seeds,
     benign_question_prompt,
     bullets,
-    clean_question,
-    clean_revision,
-    is_refusal,
     load_seeds,
     question_prompt,
-    rouge_l,
     system_prompts,
-    talks_about_task,
-    unusable,
 )
 from data.records import (
     DatasetFile,
@@ -81,6 +75,17 @@ from data.records import (
     summarize,
 )
 from generate import GenSettings, chat, journaled, load, response_logprobs, yes_probability
+from rules import (
+    clean_question,
+    clean_revision,
+    is_refusal,
+    locate,
+    rouge_l,
+    talks_about_task,
+    unusable,
+    word_spans,
+    words,
+)
 
 
 def eprint(text: str) -> None:

@@ -8,10 +8,10 @@
 - JSON and JSONL reading: one error naming the file (and line) for every way it can be
   broken, and the torn-last-line rule that resuming an appended file needs; the journal of
   finished work a long run appends to as it goes;
-- content hashes, for the fingerprints that decide whether a run may resume or reuse;
-- word splitting, the one definition of a "word" (dedup, meta-word checks, spans).
+- content hashes, for the fingerprints that decide whether a run may resume or reuse, and the
+  seeds derived from them.
 
-Charts are in common/charts.py.
+Charts are in common/charts.py; the definition of a word is the method's (rules.py).
 """
 
 from __future__ import annotations
@@ -27,17 +27,9 @@ from pathlib import Path
 
 from common.errors import UserError
 
-# A word: letters/digits, with inner apostrophes kept ("don't" is one word, not "don" + "t").
-WORD = re.compile(r"\w+(?:['’]\w+)*")
-
 
 class FileFormatError(UserError):
     """A file that cannot be read as what it should be; the message names the file and line."""
-
-
-def words(text: str) -> list[str]:
-    """The lowercased words of a text."""
-    return [w.lower() for w in WORD.findall(text)]
 
 
 # -----------------------------------------------------------------------------
@@ -242,7 +234,7 @@ class Journal:
 
 
 # -----------------------------------------------------------------------------
-# Hashes and words
+# Hashes
 
 
 def content_hash(*parts, length: int = 32) -> str:

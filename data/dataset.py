@@ -22,173 +22,10 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
-from common.files import WORD, read_jsonl
+from common.files import read_jsonl
 
 IGNORE = -100
-
-# Words that carry no harm on their own and are never marked, whatever a quote or a
-# contrast score says: articles, pronouns, auxiliaries, prepositions, conjunctions.
-FUNCTION_WORDS = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "and",
-        "or",
-        "but",
-        "nor",
-        "so",
-        "yet",
-        "for",
-        "of",
-        "to",
-        "in",
-        "on",
-        "at",
-        "by",
-        "with",
-        "from",
-        "into",
-        "onto",
-        "about",
-        "as",
-        "than",
-        "then",
-        "i",
-        "me",
-        "my",
-        "mine",
-        "we",
-        "us",
-        "our",
-        "ours",
-        "you",
-        "your",
-        "yours",
-        "he",
-        "him",
-        "his",
-        "she",
-        "her",
-        "hers",
-        "it",
-        "its",
-        "they",
-        "them",
-        "their",
-        "theirs",
-        "this",
-        "that",
-        "these",
-        "those",
-        "there",
-        "here",
-        "who",
-        "whom",
-        "whose",
-        "which",
-        "what",
-        "when",
-        "where",
-        "why",
-        "how",
-        "is",
-        "am",
-        "are",
-        "was",
-        "were",
-        "be",
-        "been",
-        "being",
-        "do",
-        "does",
-        "did",
-        "done",
-        "have",
-        "has",
-        "had",
-        "having",
-        "will",
-        "would",
-        "shall",
-        "should",
-        "can",
-        "could",
-        "may",
-        "might",
-        "must",
-        "not",
-        "no",
-        "if",
-        "just",
-        "also",
-        "too",
-        "very",
-        "really",
-        "all",
-        "any",
-        "some",
-        "each",
-        "every",
-        "up",
-        "down",
-        "out",
-        "over",
-        "under",
-        "again",
-        "once",
-        "only",
-        "own",
-        "same",
-        "such",
-        "both",
-        "more",
-        "most",
-        "other",
-        "i'm",
-        "you're",
-        "he's",
-        "she's",
-        "it's",
-        "we're",
-        "they're",
-        "that's",
-        "there's",
-        "what's",
-        "let's",
-        "i've",
-        "you've",
-        "we've",
-        "they've",
-        "i'd",
-        "you'd",
-        "he'd",
-        "she'd",
-        "we'd",
-        "they'd",
-        "i'll",
-        "you'll",
-        "he'll",
-        "she'll",
-        "it'll",
-        "we'll",
-        "they'll",
-        "don't",
-        "doesn't",
-        "didn't",
-        "can't",
-        "won't",
-        "isn't",
-        "aren't",
-        "wasn't",
-        "weren't",
-        "hasn't",
-        "haven't",
-        "wouldn't",
-        "shouldn't",
-        "couldn't",
-    ]
-)
+WORD_CHAR = re.compile(r"\w")  # a token that carries none carries no harm: never masked
 
 
 class DatasetError(UserError):
@@ -196,36 +33,7 @@ class DatasetError(UserError):
 
 
 # -----------------------------------------------------------------------------
-# Character spans
-
-
-def word_spans(text: str, start: int = 0, end: int | None = None) -> list[list[int]]:
-    """[start, end) spans of the content words of text[start:end] (function words, space and punctuation left out)."""
-    end = len(text) if end is None else end
-    return [
-        [m.start(), m.end()]
-        for m in WORD.finditer(text, start, end)
-        if m.group().lower().replace("’", "'") not in FUNCTION_WORDS
-    ]
-
-
-def locate(text: str, phrase: str) -> tuple[int, int] | None:
-    """Where a quoted phrase occurs in text, preferring whole words ("kill" not inside "skill"):
-    exactly, else ignoring case and runs of whitespace, else as a plain substring."""
-    phrase = phrase.strip().strip("\"'“”‘’").strip()
-    if not phrase:
-        return None
-    loose = r"\s+".join(re.escape(w) for w in phrase.split())
-    for pattern, flags in (
-        (rf"(?<!\w){re.escape(phrase)}(?!\w)", 0),
-        (rf"(?<!\w){loose}(?!\w)", re.IGNORECASE),
-        (re.escape(phrase), 0),
-        (loose, re.IGNORECASE),
-    ):
-        m = re.search(pattern, text, flags)
-        if m:
-            return m.start(), m.end()
-    return None
+# Character spans (which words they mark is the method's rule: rules.word_spans)
 
 
 def merge_spans(spans) -> list[list[int]]:
@@ -334,7 +142,7 @@ def encode_example(tokenizer, question: str, response: str, spans=None, max_len:
         # A token is marked only if it carries a word character: a phrase span given by hand
         # may cover spaces and punctuation, which never carry the harm.
         marked = spans_to_token_mask(offsets, [[s + r0, e + r0] for s, e in spans])
-        ut_tok = [m and r and bool(WORD.search(suffix[s:e])) for m, r, (s, e) in zip(marked, in_response, offsets)]
+        ut_tok = [m and r and bool(WORD_CHAR.search(suffix[s:e])) for m, r, (s, e) in zip(marked, in_response, offsets)]
         target = ut_tok
     ids = prompt_ids + suffix_ids
     is_target = [False] * len(prompt_ids) + target

@@ -20,8 +20,9 @@ from pathlib import Path
 from common.cli import COUNT, FINITE, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, option
 from common.files import Journal, append_jsonl, read_jsonl, remove_stale_temps, sha256, write_jsonl
 from data import DATA_DIR
-from data.dataset import DatasetError, check_keys, check_spans, word_spans
+from data.dataset import DatasetError, check_keys, check_spans
 from data.prompts import POSITIVE_REPLY_START, PipelineError
+from rules import word_spans
 
 
 @dataclass

@@ -22,8 +22,8 @@ import torch  # noqa: E402
 
 import evaluation  # noqa: E402
 from data import DATA_DIR  # noqa: E402
-from data.prompts import is_refusal  # noqa: E402
 from generate import generate_batched, load  # noqa: E402
+from rules import is_refusal  # noqa: E402
 
 
 def replies(model, tok, prompts, new_tokens: int, batch_size: int) -> tuple[list[list[int]], float]:

@@ -22,8 +22,8 @@ from test_ptalign import (  # noqa: F401  (one_thread: autouse, one intra-op thr
 import evaluation
 import ptalign
 from data import DATA_DIR
-from data.dataset import word_spans
-from evaluation import PipelineError, evaluate, is_refusal, load_prompts, report_table
+from evaluation import PipelineError, evaluate, load_prompts, report_table
+from rules import is_refusal, word_spans
 
 # -----------------------------------------------------------------------------
 # The refusal rule

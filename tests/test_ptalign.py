@@ -23,18 +23,10 @@ import generate
 import ptalign
 from common.files import Journal, sha256, stable_seed
 from data import Tokenizer, prompts
-from data.dataset import (
-    FUNCTION_WORDS,
-    IGNORE,
-    WORD,
-    encode_example,
-    locate,
-    merge_spans,
-    spans_to_token_mask,
-    word_spans,
-)
+from data.dataset import IGNORE, encode_example, merge_spans, spans_to_token_mask
 from data.prompts import PipelineError
 from data.records import journal_path, settings_of
+from rules import FUNCTION_WORDS, WORD, locate, talks_about_task, word_spans
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -336,7 +328,7 @@ def test_refinement_prompts_share_their_instructions_as_a_prefix(default_tok):
     ],
 )
 def test_talks_about_task(text, meta):
-    assert prompts.talks_about_task(text) is meta
+    assert talks_about_task(text) is meta
 
 
 def test_refine_takes_a_revision_only_when_it_improves_and_answers(monkeypatch):
