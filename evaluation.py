@@ -32,6 +32,7 @@ from common.cli import POSITIVE
 from common.files import read_json, read_jsonl, write_json
 from data import DATA_DIR
 from data.dataset import merge_spans, spans_to_token_mask
+from data.default_model import model_label
 from data.prompts import PipelineError, load_seeds
 from generate import GenSettings, chat, load, response_logprobs
 from ptalign import SpanRule, contrast_scores, eprint, judge_harm, margin_spans, quote_spans, rank_spans
@@ -216,7 +217,7 @@ def run_eval(args) -> dict:
     dataset = [r for _, r in read_jsonl(args.dataset, PipelineError, "dataset")] if args.dataset else None
     model, tok = load(args.model, args.device, args.dtype)
     report = evaluate(model, tok, harmful, benign, dataset, args.max_new_tokens, args.batch_size, log=eprint)
-    report["model"] = model_name(args)
+    report["model"] = model_label(args.model)
     print(report_table({report["model"]: report}))
     eprint(f"[evaluation took {report['seconds']:.0f} s]")
     if args.out and distributed.is_main():
@@ -224,11 +225,6 @@ def run_eval(args) -> dict:
     if args.png and distributed.is_main():
         bar_chart({report["model"]: report}, args.png)
     return report
-
-
-def model_name(args) -> str:
-    """The checkpoint a report was made with, as written into it."""
-    return str(args.model or "default:SmolLM2-135M-Instruct")
 
 
 def compare(before, after, png=None) -> dict[str, dict]:
@@ -405,7 +401,12 @@ def run_spans(args) -> dict:
     quoted, scored = score_spans(model, tok, gold, args.batch_size, log=eprint)
     texts, phrases = [r["toxic"] for r in gold], [r["harmful"] for r in gold]
     methods = span_methods(texts, quoted, scored, SpanRule())
-    report = {"model": model_name(args), "gold": str(args.gold), "split": args.split, "ids": [r["id"] for r in gold]}
+    report = {
+        "model": model_label(args.model),
+        "gold": str(args.gold),
+        "split": args.split,
+        "ids": [r["id"] for r in gold],
+    }
     report["rule"] = {k: v for k, v in vars(SpanRule()).items() if k != "method"}
     report["methods"] = {name: span_scores(texts, spans, phrases) for name, spans in methods.items()}
     print(span_table(report["methods"]))

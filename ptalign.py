@@ -19,7 +19,7 @@ instruction tuning, is `train.py`; the measurement, `evaluation.py`):
                 harmless one); stored as character spans of content words.
 
 The dataset file those records go to (resumed, appended chunk by chunk, summarised, shown)
-is data/records.py's business; here is only what the model is asked and what is kept.
+is records.py's business (its settings, generate_config.py's); here is only what the model is asked and what is kept.
 
 The paper's abstract fixes the shape of the method; the prompts, thresholds and the two
 span-finding methods here are this project's choices (following Self-Align/Dromedary and
@@ -64,17 +64,9 @@ from data.prompts import (
     question_prompt,
     system_prompts,
 )
-from data.records import (
-    DatasetFile,
-    GenerateConfig,
-    Meter,
-    report_summary,
-    saved_work,
-    settings_of,
-    show,
-    summarize,
-)
 from generate import GenSettings, chat, journaled, load, response_logprobs, yes_probability
+from generate_config import GenerateConfig, settings_of
+from records import DatasetFile, Meter, report_summary, saved_work, show, summarize
 from rules import (
     clean_question,
     clean_revision,

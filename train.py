@@ -47,6 +47,7 @@ from common.files import (
 )
 from data import Tokenizer, default_model_path
 from data.dataset import IGNORE, batches, build_examples, load_records
+from generate_config import GenerateConfig
 from kernels import fused_linear_pt_loss
 from lora import add_lora, merged
 from model import Transformer, iter_checkpoint_tensors, replace_dir
@@ -406,7 +407,7 @@ def dual_dataset(cfg: TrainConfig, out: Path, model_path, tok, load):
     with stage("dataset", f"dataset: generating {data_path}"):
         model = load(model_path)
         same = {k: getattr(cfg, k) for k in ("model", "questions", "rounds", "anchors", "seed")}
-        gen = ptalign.GenerateConfig(out=str(data_path), dtype=cfg.inference_dtype, **same)
+        gen = GenerateConfig(out=str(data_path), dtype=cfg.inference_dtype, **same)
         ptalign.run_generate(gen, model, tok)
         return load_records(data_path), data_path, model
 

@@ -71,6 +71,11 @@ MARKER = "ptalign-converted.json"
 OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
+def model_label(model) -> str:
+    """How reports and dataset provenance name a checkpoint: its path, or default:NAME for the embedded one."""
+    return str(model or f"default:{MODEL_NAME}")
+
+
 class DefaultModelError(UserError):
     """The default model could not be fetched or converted; the message says which step and file."""
 

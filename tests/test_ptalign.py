@@ -25,7 +25,8 @@ from common.files import Journal, sha256, stable_seed
 from data import Tokenizer, prompts
 from data.dataset import IGNORE, encode_example, merge_spans, spans_to_token_mask
 from data.prompts import PipelineError
-from data.records import journal_path, settings_of
+from generate_config import GenerateConfig, settings_of
+from records import journal_path
 from rules import FUNCTION_WORDS, WORD, locate, talks_about_task, word_spans
 
 
@@ -839,7 +840,7 @@ def test_generate_from_prompt_files(tiny_dir, tmp_path):
     assert [r["category"] for r in records] == ["given", "given", "homonym"]
     assert records[2]["kind"] == "anchor" and records[2]["spans"] == []
     assert all("request_harm" in r for r in records[:2])
-    settings = settings_of(ptalign.GenerateConfig(out=str(out), questions_file=str(harmful), anchors_file=str(benign)))
+    settings = settings_of(GenerateConfig(out=str(out), questions_file=str(harmful), anchors_file=str(benign)))
     assert settings["questions_file_sha256"] == sha256(harmful) and "questions_file" not in settings
     first = benign.read_text()
     benign.write_text(json.dumps({"prompt": "Why did the Titanic sink?"}) + "\n")

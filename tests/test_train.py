@@ -27,6 +27,7 @@ import train
 import train_config
 from data import Tokenizer
 from data.dataset import IGNORE, batches, build_examples
+from generate_config import GenerateConfig
 from model import Transformer
 
 P = importlib.import_module("kernels.pt_loss")  # the module (the package exports the function of that name)
@@ -370,7 +371,7 @@ def test_whole_run_generates_evaluates_and_reuses(tiny_dir, tmp_path, monkeypatc
     reports = train.main(flags)
     out = str(tmp_path / "data.jsonl")
     expected = dict(out=out, questions=3, rounds=1, seed=5, model=str(tiny_dir), dtype="bfloat16", anchors=48)
-    assert asked == [ptalign.GenerateConfig(**expected)]
+    assert asked == [GenerateConfig(**expected)]
     assert json.loads((tmp_path / "train_config.json").read_text()) == dataclasses.asdict(
         train_config.parse_args(flags)
     )

@@ -9,7 +9,7 @@ import ptalign
 from common.files import write_jsonl
 from data import prompts
 from data.dataset import IGNORE, build_examples, load_records
-from data.records import format_summary, summarize
+from records import format_summary, summarize
 
 
 def seeds_with_benign():
