@@ -30,12 +30,13 @@ import distributed
 from common.charts import pyplot, save_figure
 from common.cli import POSITIVE
 from common.files import read_json, read_jsonl, write_json
+from common.progress import log
 from data import DATA_DIR
 from data.dataset import merge_spans, spans_to_token_mask
 from data.default_model import model_label
 from data.prompts import PipelineError, load_seeds
 from generate import GenSettings, chat, load, response_logprobs
-from ptalign import SpanRule, contrast_scores, eprint, judge_harm, margin_spans, quote_spans, rank_spans
+from ptalign import SpanRule, contrast_scores, judge_harm, margin_spans, quote_spans, rank_spans
 from rules import is_refusal, locate, word_spans
 
 __all__ = [
@@ -216,10 +217,10 @@ def run_eval(args) -> dict:
     benign = load_prompts(args.benign)[: args.limit]
     dataset = [r for _, r in read_jsonl(args.dataset, PipelineError, "dataset")] if args.dataset else None
     model, tok = load(args.model, args.device, args.dtype)
-    report = evaluate(model, tok, harmful, benign, dataset, args.max_new_tokens, args.batch_size, log=eprint)
+    report = evaluate(model, tok, harmful, benign, dataset, args.max_new_tokens, args.batch_size, log=log)
     report["model"] = model_label(args.model)
     print(report_table({report["model"]: report}))
-    eprint(f"[evaluation took {report['seconds']:.0f} s]")
+    log(f"[evaluation took {report['seconds']:.0f} s]")
     if args.out and distributed.is_main():
         write_json(args.out, report)
     if args.png and distributed.is_main():
@@ -396,9 +397,9 @@ def run_spans(args) -> dict:
     gold = select_split(load_span_gold(args.gold), args.split)
     if not gold:
         raise PipelineError(f"{args.gold}: no response in the {args.split} split.")
-    eprint(f"  spans: {len(gold)} gold responses ({args.split} split of {args.gold})")
+    log(f"  spans: {len(gold)} gold responses ({args.split} split of {args.gold})")
     model, tok = load(args.model, args.device, args.dtype)
-    quoted, scored = score_spans(model, tok, gold, args.batch_size, log=eprint)
+    quoted, scored = score_spans(model, tok, gold, args.batch_size, log=log)
     texts, phrases = [r["toxic"] for r in gold], [r["harmful"] for r in gold]
     methods = span_methods(texts, quoted, scored, SpanRule())
     report = {
@@ -417,7 +418,7 @@ def run_spans(args) -> dict:
         print("\n" + span_table(report["grid"]))
     report["samples"] = span_samples(gold, methods, scored)
     report["seconds"] = time.perf_counter() - t0
-    eprint(f"[span evaluation took {report['seconds']:.0f} s]")
+    log(f"[span evaluation took {report['seconds']:.0f} s]")
     if args.out:
         write_json(args.out, report)
     return report

@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import operator
 import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -45,6 +44,7 @@ import distributed
 from common.cli import POSITIVE, Parser, add_flags
 from common.errors import one_line_errors
 from common.files import check_output_file
+from common.progress import log
 from data.dataset import merge_spans
 from data.prompts import (
     CRITIQUE_POSITIVE,
@@ -78,12 +78,6 @@ from rules import (
     word_spans,
     words,
 )
-
-
-def eprint(text: str) -> None:
-    """Progress and summaries go to stderr, so stdout carries only what a command prints as its result."""
-    print(text, file=sys.stderr)
-
 
 # -----------------------------------------------------------------------------
 # The judge: the model scoring its own samples
@@ -615,7 +609,7 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     # (and than its journal's); under torchrun only rank 0 journals: another rank loses at most its chunk
     journal = dataset.open_journal() if distributed.is_main() else None
     distributed.barrier()  # every rank has read the file before rank 0 appends to it
-    eprint(
+    log(
         f"PT-ALIGN generate: {seeds.count()} seed annotations, {cfg.questions} questions, {cfg.rounds} rounds, "
         f"{cfg.anchors} anchor questions -> {dataset.path}"
         + (f" (resuming: {len(dataset.done)} done)" if dataset.done else "")
@@ -641,12 +635,12 @@ def generate_records(model, tok, seeds: Seeds, cfg: GenerateConfig, dataset: Dat
     if cfg.judge_calibration:
         threshold = distributed.from_main(lambda: calibrate_judge(model, tok, seeds, gen.batch_size))
         cfg = replace(cfg, judge_threshold=threshold)
-        eprint(f"  self-check threshold, calibrated on the {len(seeds.exemplars)} exemplars: {cfg.judge_threshold}")
+        log(f"  self-check threshold, calibrated on the {len(seeds.exemplars)} exemplars: {cfg.judge_threshold}")
     questions, qstats = distributed.from_main(
         lambda: (
             given_questions(cfg.questions_file, cfg.questions, "q")
             if cfg.questions_file
-            else generate_questions(model, tok, seeds, cfg.questions, gen, cfg.seed, cfg.dedup_threshold, log=eprint)
+            else generate_questions(model, tok, seeds, cfg.questions, gen, cfg.seed, cfg.dedup_threshold, log=log)
         )
     )
     anchors, astats = [], {}
@@ -681,18 +675,18 @@ def write_chunks(model, tok, seeds, cfg: GenerateConfig, gen: GenSettings, datas
     work = len(todo) * per_chunk + len(anchor_todo) * STAGE_COST["anchor"]
     meter = Meter(work, len(questions) + len(anchors), gen.tally, len(dataset.records(questions + anchors)))
     name = lambda start: f"chunk {start // cfg.batch_size + 1}/{math.ceil(len(questions) / cfg.batch_size)}"
-    step = lambda start, stage, label, n=0: eprint(meter.step(f"{name(start)}: {label}", STAGE_COST[stage], n))
+    step = lambda start, stage, label, n=0: log(meter.step(f"{name(start)}: {label}", STAGE_COST[stage], n))
     dual = lambda job: method_on_chunk(model, tok, seeds, cfg, gen, job[1], job[0], partial(step, job[0]))
     for (start, _), records, here in distributed.in_turns(todo, dual):
         written = dataset.append(records)
         if here:
             step(start, "spans", "self-check, spans", written)
         else:  # computed by another rank: all of its work arrives at once
-            eprint(meter.step(f"{name(start)}: from another rank", per_chunk, written))
+            log(meter.step(f"{name(start)}: from another rank", per_chunk, written))
     answers = lambda job: helpful_answers(model, tok, [dict(a) for a in job[1]], gen, (cfg.seed, job[0]))
     for (start, chunk), records, _ in distributed.in_turns(anchor_todo, answers):
         written = dataset.append(records)
-        eprint(meter.step(f"anchor answers {start + len(chunk)}/{len(anchors)}", STAGE_COST["anchor"], written))
+        log(meter.step(f"anchor answers {start + len(chunk)}/{len(anchors)}", STAGE_COST["anchor"], written))
 
 
 # -----------------------------------------------------------------------------

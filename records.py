@@ -13,10 +13,10 @@ are generate_config.py's.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from common.files import Journal, append_jsonl, read_jsonl, remove_stale_temps, write_jsonl
+from common.progress import Progress, log
 from data.dataset import DatasetError, check_keys, check_spans
 from data.prompts import PipelineError
 from rules import word_spans
@@ -101,21 +101,18 @@ class DatasetFile:
 
 
 class Meter:
-    """The progress line: work done out of all the run's work (in any unit), records written,
-    generated tokens/s (from a tally with .rate()), elapsed time and ETA from the pace so far."""
+    """The progress line of a generate run: its work (weighted model calls, common.progress),
+    records written, generated tokens/s (from a tally with .rate()), elapsed time and ETA."""
 
     def __init__(self, work: float, records: int, tally, records_done: int = 0):
-        self.work, self.records, self.tally = work, records, tally
-        self.work_done, self.records_done, self.t0 = 0.0, records_done, time.perf_counter()
+        self.progress, self.records, self.tally, self.records_done = Progress(work), records, tally, records_done
 
     def step(self, label: str, work: float, records: int = 0) -> str:
-        self.work_done += work
+        self.progress.advance(work)
         self.records_done += records
-        dt = time.perf_counter() - self.t0
-        eta = dt / self.work_done * max(self.work - self.work_done, 0.0)
-        bar = "#" * int(30 * self.work_done / max(self.work, 1e-9))
+        dt, eta = self.progress.times()
         return (
-            f"[{bar:<30}] {label:<28} {self.records_done}/{self.records} records  "
+            f"{self.progress.bar(30)} {label:<28} {self.records_done}/{self.records} records  "
             f"{self.tally.rate():5.1f} tok/s  {dt:5.0f} s  ETA {eta:4.0f} s"
         )
 
@@ -197,7 +194,7 @@ def format_summary(s: dict) -> str:
 
 def report_summary(summary: dict, out) -> dict:
     """Print the summary; stop with a clear message when nothing usable was produced."""
-    print(format_summary(summary), file=sys.stderr)
+    log(format_summary(summary))
     if summary["kept"] == 0:
         raise PipelineError(
             f"{out}: the model produced no usable record (every sample was dropped: "
