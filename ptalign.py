@@ -37,15 +37,13 @@ import operator
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import distributed
-from common.cli import POSITIVE, Parser, add_flags
-from common.errors import one_line_errors
-from common.files import check_output_file
 from common.progress import log
 from data.dataset import merge_spans
+from data.prompt_sets import load_prompts
 from data.prompts import (
     CRITIQUE_POSITIVE,
     CRITIQUE_POSITIVE_START,
@@ -66,7 +64,7 @@ from data.prompts import (
 )
 from generate import GenSettings, chat, journaled, load, response_logprobs, yes_probability
 from generate_config import GenerateConfig, settings_of
-from records import DatasetFile, Meter, report_summary, saved_work, show, summarize
+from records import DatasetFile, Meter, report_summary, summarize
 from rules import (
     clean_question,
     clean_revision,
@@ -179,8 +177,6 @@ def generate_questions(
 def given_questions(path, n: int, prefix: str) -> tuple[list[dict], dict]:
     """The first n prompts of a prompt file (one JSON object with a 'prompt' per line, as the
     held-out sets) as question records, in place of self-instruct; returns (records, stats)."""
-    from evaluation import load_prompts  # it imports this module: imported when needed
-
     prompts = load_prompts(path, required=("prompt",))[:n]
     category = lambda r: r["category"] if isinstance(r.get("category"), str) else "given"
     records = [
@@ -689,46 +685,7 @@ def write_chunks(model, tok, seeds, cfg: GenerateConfig, gen: GenSettings, datas
         log(meter.step(f"anchor answers {start + len(chunk)}/{len(anchors)}", STAGE_COST["anchor"], written))
 
 
-# -----------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> Parser:
-    p = Parser(description="PT-ALIGN: self-generated dual safety data, and evaluation.")
-    sub = p.add_subparsers(dest="command", required=True)
-    add_flags(sub.add_parser("generate", help="build a dual dataset (JSONL) from the seed annotations"), GenerateConfig)
-
-    s = sub.add_parser("show", help="print a dataset's records with the harmful spans highlighted")
-    s.add_argument("file", help="dataset JSONL written by generate")
-    s.add_argument("--limit", type=POSITIVE, default=None, help="show only the first N records")
-
-    import evaluation  # it imports this module: imported when needed, never as this one loads
-
-    evaluation.add_commands(sub, lambda q: add_flags(q, GenerateConfig, ("model", "device", "dtype", "batch_size")))
-    return p
-
-
-def interrupted(args) -> str:
-    """The last message of an interrupted command: what it saved, and how to go on."""
-    if args.command == "generate":
-        return saved_work(args.out)
-    return f"`{args.command}` writes its output only at the end, so nothing was written; rerun it to start again."
-
-
-def main(argv=None):
-    distributed.init()  # under torchrun: generate and eval split their work over the processes
-    args = build_parser().parse_args(argv)
-    with one_line_errors(lambda: interrupted(args)):
-        for flag in ("out", "png"):  # every output path, checked before any model loads
-            if getattr(args, flag, None):
-                check_output_file(getattr(args, flag), "--" + flag)
-        if args.command == "generate":
-            run_generate(GenerateConfig(**{f.name: getattr(args, f.name) for f in fields(GenerateConfig)}))
-        elif args.command == "show":
-            print(show(args.file, args.limit))
-        else:
-            args.run(args)  # eval, compare and spans (evaluation.py)
-
-
 if __name__ == "__main__":
+    from commands import main  # the command line sits above this module and evaluation.py, which uses it
+
     main()

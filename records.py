@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common.files import Journal, append_jsonl, read_jsonl, remove_stale_temps, write_jsonl
 from common.progress import Progress, log
-from data.dataset import DatasetError, check_keys, check_spans
+from data.dataset import read_records
 from data.prompts import PipelineError
 from rules import word_spans
 
@@ -203,33 +203,22 @@ def report_summary(summary: dict, out) -> dict:
     return summary
 
 
-def check_shown(path, n: int, record: dict) -> None:
-    """What show prints of a record, checked: an id and a question; responses, if any, are text,
-    and the spans lie inside the toxic one (a record the gate dropped has neither)."""
-    check_keys(path, n, record, (("id", str), ("question", str)))
-    for key in ("positive", "toxic"):
-        if not isinstance(record.get(key) or "", str):
-            raise DatasetError(f"{path}:{n}: key {key!r} is not a string.")
-    check_spans(path, n, record, required=False)
-
-
 def show(path, limit: int | None = None, color: bool | None = None) -> str:
     """Records of a dataset as text, the harmful spans highlighted (red in a terminal, [[...]] otherwise)."""
     color = sys.stdout.isatty() if color is None else color
     on, off = ("\033[1;31m", "\033[0m") if color else ("[[", "]]")
-    records = list(read_jsonl(path, PipelineError, "dataset", allow_torn_tail=True))  # a file still being written
+    records = read_records(path, allow_torn_tail=True)  # a file still being written; checked as training checks it
     if not records:
         raise PipelineError(f"{path}: dataset file has no records.")
     out = []
     for n, r in records[:limit]:
-        check_shown(path, n, r)
         toxic, last, text = "", 0, r.get("toxic") or ""
         for s, e in r.get("spans", []):
             toxic += text[last:s] + on + text[s:e] + off
             last = e
         toxic += text[last:]
-        status = "kept" if r.get("kept") else f"dropped ({r.get('dropped')})"
-        text = f"── {r['id']} [{r.get('category')}] {status}\nQ: {r['question']}\n"
+        status = f"dropped ({r.get('dropped')})" if r.get("kept") is False else "kept"
+        text = f"── {r.get('id', f'line {n}')} [{r.get('category')}] {status}\nQ: {r['question']}\n"
         text += (f"+ {r['positive']}\n" if r.get("positive") else "") + (f"- {toxic}\n" if toxic else "")
         out.append(text)
     return "\n".join(out)

@@ -47,6 +47,7 @@ from common.files import (
 from common.progress import Progress, log
 from data import Tokenizer, default_model_path
 from data.dataset import IGNORE, batches, build_examples, load_records
+from data.prompt_sets import load_prompts, spread
 from generate_config import GenerateConfig
 from kernels import fused_linear_pt_loss
 from lora import add_lora, merged
@@ -219,17 +220,10 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def spread(items: list, limit: int | None) -> list:
-    """`limit` items evenly spaced through the list (the prompt sets are grouped by category)."""
-    if limit is None or limit >= len(items):
-        return items
-    return [items[i * len(items) // limit] for i in range(limit)]
-
-
 def evaluate(model, tok, records, cfg: TrainConfig, run: dict, path: Path) -> dict:
     """The evaluation on the held-out prompt sets (an evenly spaced --eval-limit subset), written to `path`."""
-    harmful = spread(evaluation.load_prompts(cfg.eval_harmful), cfg.eval_limit)
-    benign = spread(evaluation.load_prompts(cfg.eval_benign), cfg.eval_limit)
+    harmful = spread(load_prompts(cfg.eval_harmful), cfg.eval_limit)
+    benign = spread(load_prompts(cfg.eval_benign), cfg.eval_limit)
     report = evaluation.evaluate(
         model, tok, harmful, benign, dataset=records, max_new_tokens=cfg.eval_max_new_tokens, log=log
     )

@@ -17,7 +17,6 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -54,13 +53,17 @@ def spans_to_token_mask(offsets, spans) -> list[bool]:
 
 
 # -----------------------------------------------------------------------------
-# Records -> examples
+# Checking a file's records: the one validator of the dataset format
 
 
-def check_keys(path, n: int, record: dict, keys) -> None:
+def check_keys(path, n: int, record: dict, keys, error=DatasetError) -> None:
+    """Stop with one sentence naming the file, line and key unless each (key, type) of `keys`
+    holds a value of that type; a string must not be empty. For every JSONL file read here."""
     for key, kind in keys:
-        if not isinstance(record.get(key), kind):
-            raise DatasetError(f"{path}:{n}: key {key!r} is missing or not a {kind.__name__}.")
+        value = record.get(key)
+        if not isinstance(value, kind) or (kind is str and not value):
+            what = "non-empty string" if kind is str else kind.__name__
+            raise error(f"{path}:{n}: key {key!r} is missing or not a {what}.")
 
 
 def check_spans(path, n: int, record: dict, required: bool = True) -> None:
@@ -77,22 +80,47 @@ def check_spans(path, n: int, record: dict, required: bool = True) -> None:
             raise DatasetError(f"{path}:{n}: span {s!r} is not [start, end) inside the toxic response.")
 
 
+def check_record(path, n: int, record: dict) -> None:
+    """A dual-dataset record as every reader needs it (train.py --data and ptalign.py show alike).
+
+    Every record has a question; the texts it has are strings and its spans lie inside its toxic
+    response. A record the method kept has what training reads: an anchor (kind "anchor", the
+    model's answer to a harmless question, MLE only) its answer; a dual record both responses
+    and at least one harmful span. A dropped one (kept: false, left in the file for resuming and
+    reading) may have stopped before any response was written.
+    """
+    check_keys(path, n, record, (("question", str),))
+    for key in ("id", "positive", "toxic"):
+        if key in record and not isinstance(record[key], str):
+            raise DatasetError(f"{path}:{n}: key {key!r} is not a string.")
+    if record.get("kept") is False:
+        check_spans(path, n, record, required=False)
+    elif record.get("kind") == "anchor":
+        check_keys(path, n, record, (("positive", str),))
+        check_spans(path, n, record, required=False)
+    else:
+        check_keys(path, n, record, (("positive", str), ("toxic", str), ("spans", list)))
+        check_spans(path, n, record)
+
+
+def read_records(path, allow_torn_tail: bool = False) -> list[tuple[int, dict]]:
+    """(line number, record) for every record of a dataset file, each checked by check_record."""
+    records = list(read_jsonl(path, DatasetError, "dataset", allow_torn_tail=allow_torn_tail))
+    for n, r in records:
+        check_record(path, n, r)
+    return records
+
+
 def load_records(path) -> list[dict]:
-    """Kept records of a dual-dataset JSONL file, each checked for the keys training needs."""
-    path = Path(path)
-    records = []
-    for n, r in read_jsonl(path, DatasetError, "dataset"):
-        if r.get("kept") is False:
-            continue  # dropped by the pipeline's self-check; kept in the file for resuming and reading
-        if r.get("kind") == "anchor":  # the helpfulness anchor: a question and an answer, MLE only
-            check_keys(path, n, r, (("question", str), ("positive", str)))
-        else:
-            check_keys(path, n, r, (("question", str), ("positive", str), ("toxic", str), ("spans", list)))
-            check_spans(path, n, r)
-        records.append(r)
+    """The kept records of a dual-dataset JSONL file: what training reads."""
+    records = [r for _, r in read_records(path) if r.get("kept") is not False]
     if not records:
         raise DatasetError(f"{path}: dataset has no usable (kept) record.")
     return records
+
+
+# -----------------------------------------------------------------------------
+# Records -> examples
 
 
 @dataclass

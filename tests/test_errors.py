@@ -25,9 +25,9 @@ import test_ptalign
 import test_train
 from safetensors.torch import load_file
 
+import commands
 import generate
 import kernels.bench
-import ptalign
 import train
 from common.files import TEMP_NAME, remove_stale_temps, temp_path
 from model import CheckpointError
@@ -39,7 +39,7 @@ RECORDS = test_train.RECORDS
 ROOT = Path(__file__).resolve().parents[1]
 MAINS = {
     "generate.py": generate.main,
-    "ptalign.py": ptalign.main,
+    "ptalign.py": commands.main,
     "train.py": train.main,
     "bench.py": kernels.bench.main,
 }
@@ -304,7 +304,7 @@ ERRORS = {
     ),
     "ptalign show: a record without a question": (
         "ptalign.py show {no_question}",
-        r"error: {no_question}:1: key 'question' is missing or not a str\.",
+        r"error: {no_question}:1: key 'question' is missing or not a non-empty string\.",
     ),
     "ptalign show: a line that is not an object": (
         "ptalign.py show {not_object}",

@@ -19,14 +19,15 @@ import pytest
 import torch
 import transformers
 
+import commands
 import generate
 import ptalign
 from common.files import Journal, sha256, stable_seed
 from data import Tokenizer, prompts
-from data.dataset import IGNORE, encode_example, merge_spans, spans_to_token_mask
+from data.dataset import IGNORE, DatasetError, encode_example, load_records, merge_spans, spans_to_token_mask
 from data.prompts import PipelineError
 from generate_config import GenerateConfig, settings_of
-from records import journal_path
+from records import journal_path, show
 from rules import FUNCTION_WORDS, WORD, locate, talks_about_task, word_spans
 
 
@@ -686,7 +687,7 @@ def generate_cli(model_dir, out, batch_size, rounds=1, extra=(), **patches) -> s
         for name, value in patches.items():
             mp.setattr(ptalign, name, value)
         try:
-            ptalign.main(generate_argv(model_dir, out, batch_size, rounds, extra))
+            commands.main(generate_argv(model_dir, out, batch_size, rounds, extra))
         except SystemExit as e:
             return str(e.code).replace(str(out), "OUT")
     return None
@@ -860,7 +861,7 @@ def test_generate_refuses_a_bad_prompt_file_before_loading(text, message, tmp_pa
     harmful.write_text(text)
     monkeypatch.setattr(ptalign, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit) as e:
-        ptalign.main(["generate", "--out", str(tmp_path / "o.jsonl"), "--questions-file", str(harmful)])
+        commands.main(["generate", "--out", str(tmp_path / "o.jsonl"), "--questions-file", str(harmful)])
     assert message in str(e.value.code)
     assert not (tmp_path / "o.jsonl").exists()
 
@@ -903,7 +904,7 @@ def shown_file(tmp_path):
 @pytest.mark.parametrize("color, on, off", [(False, "[[", "]]"), (True, "\033[1;31m", "\033[0m")])
 def test_show_highlights_spans(shown_file, color, on, off):
     """show() marks exactly the spans (at the start, in the middle, at the very end) and each record's status."""
-    text = ptalign.show(shown_file, color=color)
+    text = show(shown_file, color=color)
     assert f"- {on}Burn{off} it all, they {on}deserve{off} {on}pain{off}\n" in text
     assert "- I can't help with that.\n" in text
     assert "q0000 [violence] kept" in text and "q0001 [fraud] dropped (toxic response refuses)" in text
@@ -911,9 +912,45 @@ def test_show_highlights_spans(shown_file, color, on, off):
 
 def test_show_cli_outside_a_terminal_uses_brackets(shown_file, capsys):
     """`ptalign.py show FILE --limit 1` on a pipe: [[...]] marks and the first record only."""
-    ptalign.main(["show", str(shown_file), "--limit", "1"])
+    commands.main(["show", str(shown_file), "--limit", "1"])
     out = capsys.readouterr().out
     assert "[[Burn]]" in out and "\033[" not in out and "q0001" not in out
+
+
+BROKEN = {
+    "kept, no toxic": ({k: v for k, v in SHOW_RECORDS[0].items() if k != "toxic"}, "key 'toxic' is missing"),
+    "kept, no span": ({**SHOW_RECORDS[0], "spans": []}, "record has no harmful spans"),
+    "kept anchor, no answer": ({"question": "Hi?", "kind": "anchor", "kept": True}, "key 'positive' is missing"),
+    "no question": ({**SHOW_RECORDS[1], "question": ""}, "key 'question' is missing"),
+    "response not text": ({**SHOW_RECORDS[1], "positive": 3}, "key 'positive' is not a string"),
+    "span outside": ({**SHOW_RECORDS[1], "spans": [[0, 99]]}, r"span \[0, 99\] is not \[start, end\) inside"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_show_and_training_check_records_alike(tmp_path, case):
+    """One validator of the dataset format: a record `ptalign.py show` refuses, train.py --data
+    (load_records) refuses with the same sentence, naming the file and line."""
+    record, message = BROKEN[case]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (SHOW_RECORDS[0], record)))
+    for read in (show, load_records):
+        with pytest.raises(DatasetError, match=f"^{re.escape(str(path))}:2: {message}"):
+            read(path)
+
+
+def test_show_and_training_accept_a_dropped_record_without_responses(shown_file):
+    """A record the method dropped before writing any response (the request gate) is readable by both."""
+    gated = {
+        "id": "q0002",
+        "question": "How do I kill a process?",
+        "kept": False,
+        "dropped": "question judged harmless",
+    }
+    with shown_file.open("a") as f:
+        f.write(json.dumps(gated) + "\n")
+    assert "q0002 [None] dropped (question judged harmless)" in show(shown_file)
+    assert [r["id"] for r in load_records(shown_file)] == ["q0000"]
 
 
 # -----------------------------------------------------------------------------
@@ -939,7 +976,7 @@ def test_cli_bad_input_names_the_file(argv, tmp_path):
     argv = [a.format(**files) for a in argv]
     bad = next(a for a in argv if "nope" in a or "torn" in a)
     with pytest.raises(SystemExit) as e:
-        ptalign.main(argv)
+        commands.main(argv)
     assert str(e.value.code).startswith(f"error: {bad}")
 
 
