@@ -34,7 +34,7 @@ from model import CheckpointError
 
 # Fixtures of the other test modules: one intra-op thread, a random one-layer LLaMA with the default
 # model's tokenizer, and the fused loss's PyTorch path (the Triton interpreter takes seconds a step).
-one_thread, tiny_dir, loss_in_pytorch = test_ptalign.one_thread, test_ptalign.tiny_dir, test_train.loss_in_pytorch
+one_thread, loss_in_pytorch = test_ptalign.one_thread, test_train.loss_in_pytorch
 RECORDS = test_train.RECORDS
 ROOT = Path(__file__).resolve().parents[1]
 MAINS = {

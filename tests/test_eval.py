@@ -14,10 +14,7 @@ import re
 
 import pytest
 import torch
-from test_ptalign import (  # noqa: F401  (one_thread: autouse, one intra-op thread while models run here)
-    one_thread,
-    tiny_dir,
-)
+from test_ptalign import one_thread  # noqa: F401  (autouse: one intra-op thread while models run here)
 
 import commands
 import evaluation
@@ -515,7 +512,7 @@ def test_bad_span_gold_names_file_and_line(case, tmp_path):
         commands.main(["spans", "--gold", str(path), "--model", str(tmp_path / "no-model")])
 
 
-def test_spans_cli_on_a_tiny_model(tiny_dir, tmp_path, capsys):  # noqa: F811  (tiny_dir: the fixture)
+def test_spans_cli_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     """`ptalign.py spans --split dev --grid --out FILE` end to end on a random one-layer model:
     the table and the grid on stdout, a strict-JSON report whose scores are in range."""
     gold = tmp_path / "gold.jsonl"

@@ -17,7 +17,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import transformers
 
 import commands
 import generate
@@ -615,32 +614,7 @@ def test_phrase_span_masks_never_cover_whitespace(tok):
 
 
 # -----------------------------------------------------------------------------
-# The generate stage end to end, on a random one-layer model with the default tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, default_dir):
-    """A random one-layer LLaMA checkpoint that uses the default model's tokenizer and template."""
-    vocab = json.loads((default_dir / "config.json").read_text())["vocab_size"]
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    d = tmp_path_factory.mktemp("tiny")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_dir / name, d / name)
-    return d
+# The generate stage end to end, on a random one-layer model with the default tokenizer (tiny_dir: conftest.py)
 
 
 def question_from_reply(reply: str) -> str:

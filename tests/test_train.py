@@ -13,12 +13,12 @@ below runs it through the interpreter.
 import dataclasses
 import importlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from conftest import save_tiny_llama
 from safetensors.torch import load_file
 
 import lora
@@ -89,26 +89,10 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, default_dir):
-    """A random 2-layer Llama saved by transformers, with the default model's tokenizer files."""
+    """conftest's tiny random Llama with two blocks of four heads (two key/value heads) here:
+    accumulation, activation checkpointing and sharding have more than one block to cover."""
     path = tmp_path_factory.mktemp("tiny")
-    cfg = transformers.LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,  # the judge's few-shot prompts in evaluation are over 1000 tokens
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_dir / name, path / name)
-    return path
+    return save_tiny_llama(path, default_dir, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
 @pytest.fixture(scope="module")
