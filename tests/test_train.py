@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import save_tiny_llama
 from safetensors.torch import load_file
 
 import lora
@@ -91,6 +90,10 @@ RECORDS = [
 def tiny_dir(tmp_path_factory, default_dir):
     """conftest's tiny random Llama with two blocks of four heads (two key/value heads) here:
     accumulation, activation checkpointing and sharding have more than one block to cover."""
+    # Imported here: scripts/bench_distributed.py imports this module for RECORDS, and conftest
+    # (TRITON_INTERPRET on a CPU) must not reach its training processes.
+    from conftest import save_tiny_llama
+
     path = tmp_path_factory.mktemp("tiny")
     return save_tiny_llama(path, default_dir, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
