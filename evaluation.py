@@ -21,56 +21,37 @@ way before and after training (greedy replies, fixed length):
 from __future__ import annotations
 
 import math
-import re
 import time
 from functools import partial
 from itertools import repeat
 from pathlib import Path
 
 import distributed
+from common.charts import pyplot, save_figure
+from common.cli import POSITIVE
+from common.files import read_json, sha256, write_json
+from common.progress import log
 from data import DATA_DIR
-from data.cli import POSITIVE
-from data.dataset import locate, merge_spans, spans_to_token_mask, word_spans
-from data.files import pyplot, read_json, read_jsonl, save_figure, sha256, write_json
-from data.prompts import REFUSAL_PHRASES, REFUSAL_PREFIXES, PipelineError, is_refusal, load_seeds
+from data.dataset import load_records, merge_spans, spans_to_token_mask
+from data.default_model import model_label
+from data.prompt_sets import SPLITS, load_prompts, load_span_gold, select_split, spread
+from data.prompts import PipelineError, load_seeds
 from data.public import public_sets
 from generate import GenSettings, chat, load, response_logprobs
-from ptalign import SpanRule, contrast_scores, eprint, judge_harm, margin_spans, quote_spans, rank_spans
+from ptalign import SpanRule, contrast_scores, judge_harm, margin_spans, quote_spans, rank_spans
+from rules import is_refusal, locate, word_spans
 
 __all__ = [
     "MAIN_METRICS",
-    "REFUSAL_PHRASES",
-    "REFUSAL_PREFIXES",
     "PipelineError",
     "bar_chart",
     "compare",
     "evaluate",
-    "is_refusal",
-    "load_prompts",
-    "load_span_gold",
     "report_table",
     "run_eval",
     "run_spans",
     "span_scores",
 ]
-
-
-def load_prompts(path, required=("id", "category", "prompt")) -> list[dict]:
-    """A held-out prompt set (JSONL), each line checked for the keys evaluation needs."""
-    out = []
-    for n, r in read_jsonl(path, PipelineError, "prompt"):
-        require_strings(path, n, r, required)
-        out.append(r)
-    if not out:
-        raise PipelineError(f"{path}: prompt file is empty.")
-    return out
-
-
-def require_strings(path, n: int, record: dict, keys) -> None:
-    """An error naming the file and line unless each key holds a non-empty string."""
-    for key in keys:
-        if not isinstance(record.get(key), str) or not record[key]:
-            raise PipelineError(f"{path}:{n}: key {key!r} is missing or not a non-empty string.")
 
 
 def public_prompts() -> dict[str, list[dict]]:
@@ -319,24 +300,19 @@ def bar_chart(reports: dict[str, dict], path) -> None:
 
 def run_eval(args) -> dict:
     """`ptalign.py eval`: evaluate a checkpoint, print the table, write the report (and chart)."""
-    harmful = load_prompts(args.harmful)[: args.limit]
-    benign = load_prompts(args.benign)[: args.limit]
-    dataset = [r for _, r in read_jsonl(args.dataset, PipelineError, "dataset")] if args.dataset else None
+    harmful = spread(load_prompts(args.harmful), args.limit)
+    benign = spread(load_prompts(args.benign), args.limit)
+    dataset = load_records(args.dataset) if args.dataset else None
     model, tok = load(args.model, args.device, args.dtype)
-    report = evaluate(model, tok, harmful, benign, dataset, args.max_new_tokens, args.batch_size, log=eprint)
-    report["model"] = model_name(args)
+    report = evaluate(model, tok, harmful, benign, dataset, args.max_new_tokens, args.batch_size, log=log)
+    report["model"] = model_label(args.model)
     print(report_table({report["model"]: report}))
-    eprint(f"[evaluation took {report['seconds']:.0f} s]")
+    log(f"[evaluation took {report['seconds']:.0f} s]")
     if args.out and distributed.is_main():
         write_json(args.out, report)
     if args.png and distributed.is_main():
         bar_chart({report["model"]: report}, args.png)
     return report
-
-
-def model_name(args) -> str:
-    """The checkpoint a report was made with, as written into it."""
-    return str(args.model or "default:SmolLM2-135M-Instruct")
 
 
 def compare(before, after, png=None) -> dict[str, dict]:
@@ -358,44 +334,9 @@ def compare(before, after, png=None) -> dict[str, dict]:
 # words are its content words inside a hand-marked phrase, its predicted words those inside
 # a predicted span; counts are summed over responses (micro-average).
 
-SPLITS = ("all", "dev", "test")
 GRID_TOPS = (0.2, 0.3, 0.4, 0.5)
 GRID_FLOORS = (0.0, 0.1, 0.25)
 GRID_MARGINS = (0.25, 0.5, 1.0)
-ID_NUMBER = re.compile(r"\d+$")  # span-007 -> 7: the split goes by it
-
-
-def load_span_gold(path) -> list[dict]:
-    """The hand-written span gold set (JSONL): toxic responses with the exact phrases that carry
-    the harm; a phrase that is not in its response is an error, never a silent miss."""
-    out = []
-    for n, r in read_jsonl(path, PipelineError, "span gold"):
-        require_strings(path, n, r, ("id", "category", "question", "toxic"))
-        if not ID_NUMBER.search(r["id"]):
-            raise PipelineError(
-                f"{path}:{n}: id {r['id']!r} does not end with a number (the dev/test split needs one)."
-            )
-        harmful = r.get("harmful")
-        if not isinstance(harmful, list) or not harmful or not all(isinstance(p, str) and p.strip() for p in harmful):
-            raise PipelineError(f"{path}:{n}: key 'harmful' must be a non-empty list of non-empty strings.")
-        for phrase in harmful:
-            if phrase not in r["toxic"]:
-                raise PipelineError(f"{path}:{n}: harmful phrase {phrase!r} is not in its 'toxic' text.")
-        out.append(r)
-    if not out:
-        raise PipelineError(f"{path}: span gold file is empty.")
-    return out
-
-
-def select_split(records, split: str) -> list[dict]:
-    """dev: the odd-numbered ids (span-001, 003, ...), where thresholds are chosen; test: the
-    even-numbered ones, where the chosen thresholds are reported; all: both."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}.")
-    if split == "all":
-        return list(records)
-    parity = 1 if split == "dev" else 0
-    return [r for r in records if int(ID_NUMBER.search(r["id"]).group()) % 2 == parity]
 
 
 def marked_words(text: str, spans) -> set[tuple[int, int]]:
@@ -508,12 +449,17 @@ def run_spans(args) -> dict:
     gold = select_split(load_span_gold(args.gold), args.split)
     if not gold:
         raise PipelineError(f"{args.gold}: no response in the {args.split} split.")
-    eprint(f"  spans: {len(gold)} gold responses ({args.split} split of {args.gold})")
+    log(f"  spans: {len(gold)} gold responses ({args.split} split of {args.gold})")
     model, tok = load(args.model, args.device, args.dtype)
-    quoted, scored = score_spans(model, tok, gold, args.batch_size, log=eprint)
+    quoted, scored = score_spans(model, tok, gold, args.batch_size, log=log)
     texts, phrases = [r["toxic"] for r in gold], [r["harmful"] for r in gold]
     methods = span_methods(texts, quoted, scored, SpanRule())
-    report = {"model": model_name(args), "gold": str(args.gold), "split": args.split, "ids": [r["id"] for r in gold]}
+    report = {
+        "model": model_label(args.model),
+        "gold": str(args.gold),
+        "split": args.split,
+        "ids": [r["id"] for r in gold],
+    }
     report["rule"] = {k: v for k, v in vars(SpanRule()).items() if k != "method"}
     report["methods"] = {name: span_scores(texts, spans, phrases) for name, spans in methods.items()}
     print(span_table(report["methods"]))
@@ -524,7 +470,7 @@ def run_spans(args) -> dict:
         print("\n" + span_table(report["grid"]))
     report["samples"] = span_samples(gold, methods, scored)
     report["seconds"] = time.perf_counter() - t0
-    eprint(f"[span evaluation took {report['seconds']:.0f} s]")
+    log(f"[span evaluation took {report['seconds']:.0f} s]")
     if args.out:
         write_json(args.out, report)
     return report
@@ -538,7 +484,12 @@ def add_commands(sub, model_flags) -> None:
     e.add_argument("--harmful", default=str(DATA_DIR / "eval_harmful.jsonl"), help="harmful prompts JSONL")
     e.add_argument("--benign", default=str(DATA_DIR / "eval_benign.jsonl"), help="benign prompts JSONL")
     e.add_argument("--dataset", help="a dual dataset JSONL: adds the likelihood margin and masked-token p")
-    e.add_argument("--limit", type=POSITIVE, default=None, help="use only the first N prompts of each set")
+    e.add_argument(
+        "--limit",
+        type=POSITIVE,
+        default=None,
+        help="use only N prompts of each set, evenly spaced (the sets are grouped by category)",
+    )
     e.add_argument(
         "--max-new-tokens", type=POSITIVE, default=64, help="reply length for the refusal rules (default 64)"
     )

@@ -27,9 +27,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from data.cli import FRACTION, NON_NEGATIVE, POSITIVE, Parser
-from data.errors import UserError, fail_point, one_line_errors
-from data.files import Journal, content_hash, stable_seed
+from common.cli import FRACTION, NON_NEGATIVE, POSITIVE, Parser
+from common.errors import UserError, fail_point, one_line_errors
+from common.files import Journal, content_hash, stable_seed
 from model import KVCache, Transformer
 
 

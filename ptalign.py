@@ -19,7 +19,7 @@ instruction tuning, is `train.py`; the measurement, `evaluation.py`):
                 harmless one); stored as character spans of content words.
 
 The dataset file those records go to (resumed, appended chunk by chunk, summarised, shown)
-is data/records.py's business; here is only what the model is asked and what is kept.
+is records.py's business (its settings, generate_config.py's); here is only what the model is asked and what is kept.
 
 The paper's abstract fixes the shape of the method; the prompts, thresholds and the two
 span-finding methods here are this project's choices (following Self-Align/Dromedary and
@@ -35,17 +35,15 @@ from __future__ import annotations
 import math
 import operator
 import re
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import distributed
-from data.cli import POSITIVE, Parser, add_flags
-from data.dataset import locate, merge_spans, word_spans
-from data.errors import one_line_errors
-from data.files import check_output_file, words
+from common.progress import log
+from data.dataset import merge_spans
+from data.prompt_sets import load_prompts
 from data.prompts import (
     CRITIQUE_POSITIVE,
     CRITIQUE_POSITIVE_START,
@@ -60,33 +58,24 @@ from data.prompts import (
     Seeds,
     benign_question_prompt,
     bullets,
+    load_seeds,
+    question_prompt,
+    system_prompts,
+)
+from generate import GenSettings, chat, journaled, load, response_logprobs, yes_probability
+from generate_config import GenerateConfig, settings_of
+from records import DatasetFile, Meter, report_summary, summarize
+from rules import (
     clean_question,
     clean_revision,
     is_refusal,
-    load_seeds,
-    question_prompt,
+    locate,
     rouge_l,
-    system_prompts,
     talks_about_task,
     unusable,
+    word_spans,
+    words,
 )
-from data.records import (
-    DatasetFile,
-    GenerateConfig,
-    Meter,
-    report_summary,
-    saved_work,
-    settings_of,
-    show,
-    summarize,
-)
-from generate import GenSettings, chat, journaled, load, response_logprobs, yes_probability
-
-
-def eprint(text: str) -> None:
-    """Progress and summaries go to stderr, so stdout carries only what a command prints as its result."""
-    print(text, file=sys.stderr)
-
 
 # -----------------------------------------------------------------------------
 # The judge: the model scoring its own samples
@@ -188,8 +177,6 @@ def generate_questions(
 def given_questions(path, n: int, prefix: str) -> tuple[list[dict], dict]:
     """The first n prompts of a prompt file (one JSON object with a 'prompt' per line, as the
     held-out sets) as question records, in place of self-instruct; returns (records, stats)."""
-    from evaluation import load_prompts  # it imports this module: imported when needed
-
     prompts = load_prompts(path, required=("prompt",))[:n]
     category = lambda r: r["category"] if isinstance(r.get("category"), str) else "given"
     records = [
@@ -618,7 +605,7 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     # (and than its journal's); under torchrun only rank 0 journals: another rank loses at most its chunk
     journal = dataset.open_journal() if distributed.is_main() else None
     distributed.barrier()  # every rank has read the file before rank 0 appends to it
-    eprint(
+    log(
         f"PT-ALIGN generate: {seeds.count()} seed annotations, {cfg.questions} questions, {cfg.rounds} rounds, "
         f"{cfg.anchors} anchor questions -> {dataset.path}"
         + (f" (resuming: {len(dataset.done)} done)" if dataset.done else "")
@@ -644,12 +631,12 @@ def generate_records(model, tok, seeds: Seeds, cfg: GenerateConfig, dataset: Dat
     if cfg.judge_calibration:
         threshold = distributed.from_main(lambda: calibrate_judge(model, tok, seeds, gen.batch_size))
         cfg = replace(cfg, judge_threshold=threshold)
-        eprint(f"  self-check threshold, calibrated on the {len(seeds.exemplars)} exemplars: {cfg.judge_threshold}")
+        log(f"  self-check threshold, calibrated on the {len(seeds.exemplars)} exemplars: {cfg.judge_threshold}")
     questions, qstats = distributed.from_main(
         lambda: (
             given_questions(cfg.questions_file, cfg.questions, "q")
             if cfg.questions_file
-            else generate_questions(model, tok, seeds, cfg.questions, gen, cfg.seed, cfg.dedup_threshold, log=eprint)
+            else generate_questions(model, tok, seeds, cfg.questions, gen, cfg.seed, cfg.dedup_threshold, log=log)
         )
     )
     anchors, astats = [], {}
@@ -684,60 +671,21 @@ def write_chunks(model, tok, seeds, cfg: GenerateConfig, gen: GenSettings, datas
     work = len(todo) * per_chunk + len(anchor_todo) * STAGE_COST["anchor"]
     meter = Meter(work, len(questions) + len(anchors), gen.tally, len(dataset.records(questions + anchors)))
     name = lambda start: f"chunk {start // cfg.batch_size + 1}/{math.ceil(len(questions) / cfg.batch_size)}"
-    step = lambda start, stage, label, n=0: eprint(meter.step(f"{name(start)}: {label}", STAGE_COST[stage], n))
+    step = lambda start, stage, label, n=0: log(meter.step(f"{name(start)}: {label}", STAGE_COST[stage], n))
     dual = lambda job: method_on_chunk(model, tok, seeds, cfg, gen, job[1], job[0], partial(step, job[0]))
     for (start, _), records, here in distributed.in_turns(todo, dual):
         written = dataset.append(records)
         if here:
             step(start, "spans", "self-check, spans", written)
         else:  # computed by another rank: all of its work arrives at once
-            eprint(meter.step(f"{name(start)}: from another rank", per_chunk, written))
+            log(meter.step(f"{name(start)}: from another rank", per_chunk, written))
     answers = lambda job: helpful_answers(model, tok, [dict(a) for a in job[1]], gen, (cfg.seed, job[0]))
     for (start, chunk), records, _ in distributed.in_turns(anchor_todo, answers):
         written = dataset.append(records)
-        eprint(meter.step(f"anchor answers {start + len(chunk)}/{len(anchors)}", STAGE_COST["anchor"], written))
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> Parser:
-    p = Parser(description="PT-ALIGN: self-generated dual safety data, and evaluation.")
-    sub = p.add_subparsers(dest="command", required=True)
-    add_flags(sub.add_parser("generate", help="build a dual dataset (JSONL) from the seed annotations"), GenerateConfig)
-
-    s = sub.add_parser("show", help="print a dataset's records with the harmful spans highlighted")
-    s.add_argument("file", help="dataset JSONL written by generate")
-    s.add_argument("--limit", type=POSITIVE, default=None, help="show only the first N records")
-
-    import evaluation  # it imports this module: imported when needed, never as this one loads
-
-    evaluation.add_commands(sub, lambda q: add_flags(q, GenerateConfig, ("model", "device", "dtype", "batch_size")))
-    return p
-
-
-def interrupted(args) -> str:
-    """The last message of an interrupted command: what it saved, and how to go on."""
-    if args.command == "generate":
-        return saved_work(args.out)
-    return f"`{args.command}` writes its output only at the end, so nothing was written; rerun it to start again."
-
-
-def main(argv=None):
-    distributed.init()  # under torchrun: generate and eval split their work over the processes
-    args = build_parser().parse_args(argv)
-    with one_line_errors(lambda: interrupted(args)):
-        for flag in ("out", "png"):  # every output path, checked before any model loads
-            if getattr(args, flag, None):
-                check_output_file(getattr(args, flag), "--" + flag)
-        if args.command == "generate":
-            run_generate(GenerateConfig(**{f.name: getattr(args, f.name) for f in fields(GenerateConfig)}))
-        elif args.command == "show":
-            print(show(args.file, args.limit))
-        else:
-            args.run(args)  # eval, compare and spans (evaluation.py)
+        log(meter.step(f"anchor answers {start + len(chunk)}/{len(anchors)}", STAGE_COST["anchor"], written))
 
 
 if __name__ == "__main__":
+    from commands import main  # the command line sits above this module and evaluation.py, which uses it
+
     main()

@@ -22,7 +22,6 @@ import copy
 import math
 import random
 import shutil
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -33,22 +32,24 @@ import torch
 import distributed
 import evaluation
 import ptalign
-from data import Tokenizer, default_model_path
-from data.dataset import IGNORE, batches, build_examples, build_pairs, load_records
-from data.errors import UserError, fail_point, one_line_errors
-from data.files import (
+from common.charts import pyplot, save_figure
+from common.errors import UserError, fail_point, one_line_errors
+from common.files import (
     append_jsonl,
     check_output_dir,
-    pyplot,
     read_json,
     read_jsonl,
     remove_stale_temps,
-    save_figure,
     sha256,
     temp_path,
     write_json,
     write_jsonl,
 )
+from common.progress import Progress, log
+from data import Tokenizer, default_model_path
+from data.dataset import IGNORE, batches, build_examples, build_pairs, load_records
+from data.prompt_sets import load_prompts, spread
+from generate_config import GenerateConfig
 from kernels import fused_linear_pt_loss
 from lora import add_lora, merged
 from model import Transformer, iter_checkpoint_tensors, replace_dir
@@ -58,11 +59,6 @@ from train_config import TrainConfig, fingerprint, parse_args
 
 class TrainError(UserError):
     """A run that cannot go on; the message says why and what to do."""
-
-
-def log(msg: str) -> None:
-    """Progress for the user, on stderr (stdout carries only the before/after table)."""
-    print(msg, file=sys.stderr)
 
 
 @contextmanager
@@ -205,31 +201,13 @@ def metrics_until(path: Path, start: int) -> list[dict]:
 # What the user sees
 
 
-class Progress:
-    """One status line on stderr: step, loss and its parts, tokens/s, ETA.
-
-    On a terminal the line is redrawn in place; into a file or pipe it is printed once per step.
-    """
-
-    def __init__(self, total: int, start: int):
-        self.total, self.start, self.t0, self.tokens = total, start, time.perf_counter(), 0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, m: dict) -> None:
-        self.tokens += m["tokens"]
-        dt = time.perf_counter() - self.t0
-        done = m["step"] - self.start
-        eta = (self.total - m["step"]) * dt / max(done, 1)
-        bar = "#" * int(20 * m["step"] / self.total)
-        line = (
-            f"step {m['step']}/{self.total} [{bar:<20}] loss {m['loss']:.4g} (mle {m['mle']:.4g}, "
-            f"ut {m['ut']:.4g})  lr {m['lr']:.2e}  {self.tokens / dt:.0f} tok/s  ETA {eta / 60:.1f} min"
-        )
-        print(("\r" + line + "\033[K") if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
+def step_line(progress: Progress, m: dict, tokens: int) -> str:
+    """The status line after a step: step, loss and its parts, tokens/s (`tokens` so far in this run), ETA."""
+    dt, eta = progress.times()
+    return (
+        f"step {m['step']}/{progress.total} {progress.bar(20)} loss {m['loss']:.4g} (mle {m['mle']:.4g}, "
+        f"ut {m['ut']:.4g})  lr {m['lr']:.2e}  {tokens / dt:.0f} tok/s  ETA {eta / 60:.1f} min"
+    )
 
 
 def plot_losses(metrics: list[dict], path: Path) -> None:
@@ -244,17 +222,10 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def spread(items: list, limit: int | None) -> list:
-    """`limit` items evenly spaced through the list (the prompt sets are grouped by category)."""
-    if limit is None or limit >= len(items):
-        return items
-    return [items[i * len(items) // limit] for i in range(limit)]
-
-
 def evaluate(model, tok, records, cfg: TrainConfig, run: dict, path: Path) -> dict:
     """The evaluation on the held-out prompt sets (an evenly spaced --eval-limit subset), written to `path`."""
-    harmful = spread(evaluation.load_prompts(cfg.eval_harmful), cfg.eval_limit)
-    benign = spread(evaluation.load_prompts(cfg.eval_benign), cfg.eval_limit)
+    harmful = spread(load_prompts(cfg.eval_harmful), cfg.eval_limit)
+    benign = spread(load_prompts(cfg.eval_benign), cfg.eval_limit)
     public = {k: spread(v, cfg.eval_limit) for k, v in evaluation.public_prompts().items()} if cfg.eval_public else None
     report = evaluation.evaluate(
         model, tok, harmful, benign, dataset=records, max_new_tokens=cfg.eval_max_new_tokens, log=log, public=public
@@ -409,7 +380,7 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
         f"training: {len(examples)} examples, {total} steps of {cfg.batch_size}x{cfg.grad_accum}, "
         f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters ({kind}), {cfg.device} {cfg.precision}"
     )
-    progress, epoch_batches, last_saved = Progress(total, start), {}, start
+    progress, tokens, epoch_batches, last_saved = Progress(total, start, redraw=True), 0, {}, start
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
         if epoch not in epoch_batches:  # the order is a function of (seed, epoch) alone: resumable
@@ -427,7 +398,9 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
         if distributed.is_main():
             with open(out / "metrics.jsonl", "a") as f:
                 append_jsonl(f, m)
-        progress.update(m)
+        tokens += m["tokens"]
+        progress.advance(1)
+        progress.show(step_line(progress, m, tokens))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_checkpoint(model, optimizer, step + 1, cfg, fingerprint, out)
             last_saved = step + 1
@@ -466,7 +439,7 @@ def dual_dataset(cfg: TrainConfig, out: Path, model_path, tok, load):
     with stage("dataset", f"dataset: generating {data_path}"):
         model = load(model_path)
         same = {k: getattr(cfg, k) for k in ("model", "questions", "rounds", "anchors", "seed")}
-        gen = ptalign.GenerateConfig(out=str(data_path), dtype=cfg.inference_dtype, **same)
+        gen = GenerateConfig(out=str(data_path), dtype=cfg.inference_dtype, **same)
         ptalign.run_generate(gen, model, tok)
         return load_records(data_path), data_path, model
 

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from common.cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, Parser, add_flags, option
+from common.files import sha256
 from data import DATA_DIR
-from data.cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, Parser, add_flags, option
-from data.files import sha256
 
 # The cpu preset makes the whole default run (dataset, both evaluations, training) finish in
 # under 20 minutes on 2 cores with the 135M default model; the gpu preset is for a 7B/8B model

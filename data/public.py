@@ -14,8 +14,8 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+from common.files import read_jsonl
 from data import DATA_DIR
-from data.files import read_jsonl, words
 
 PUBLIC_DIR = DATA_DIR / "public"
 
@@ -53,9 +53,10 @@ def overlapping_prompts(prompts, others) -> list[str]:
 def near_duplicates(prompts, others, threshold: float = NEAR_DUP_JACCARD) -> list[tuple[str, str]]:
     """(prompt, other) pairs whose word sets overlap at least `threshold` (Jaccard): a reworded
     copy, such as a spelling variant, that `overlapping_prompts` does not see."""
-    other_words = [(o, set(words(o))) for o in others]
+    words = lambda text: set(normalise(text).replace(",", " ").split())
+    other_words = [(o, words(o)) for o in others]
     pairs = []
     for p in prompts:
-        wp = set(words(p))
+        wp = words(p)
         pairs += [(p, o) for o, wo in other_words if len(wp & wo) >= threshold * max(len(wp | wo), 1)]
     return pairs

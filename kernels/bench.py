@@ -44,9 +44,10 @@ from pathlib import Path
 import torch
 import triton
 
-from data.cli import NON_NEGATIVE, POSITIVE, Parser
-from data.errors import one_line_errors
-from data.files import check_output_dir, check_output_file, pyplot, save_figure, write_bytes_atomic, write_json
+from common.charts import pyplot, save_figure
+from common.cli import NON_NEGATIVE, POSITIVE, Parser
+from common.errors import one_line_errors
+from common.files import check_output_dir, check_output_file, write_bytes_atomic, write_json
 
 from . import fused_linear_pt_loss, pt_loss, pt_loss_reference
 from .pt_loss import _INTERPRETED

@@ -34,7 +34,7 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from data.files import write_json
+from common.files import write_json
 
 from .pt_loss import (
     _INTERPRETED,

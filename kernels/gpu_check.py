@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from data.files import read_jsonl, write_json, write_jsonl
+from common.files import read_jsonl, write_json, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("env", "tests", "bench", "train")

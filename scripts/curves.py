@@ -27,10 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evaluation  # noqa: E402
 import train  # noqa: E402
+from common.charts import pyplot, save_figure  # noqa: E402
+from common.errors import UserError, one_line_errors  # noqa: E402
+from common.files import read_json, sha256, write_json  # noqa: E402
+from common.progress import log  # noqa: E402
 from data import DATA_DIR  # noqa: E402
 from data.dataset import load_records  # noqa: E402
-from data.errors import UserError, one_line_errors  # noqa: E402
-from data.files import pyplot, read_json, save_figure, sha256, write_json  # noqa: E402
+from data.prompt_sets import load_prompts, spread  # noqa: E402
 from generate import load  # noqa: E402
 
 SPLITS = {  # name -> (harmful file, benign file, with the public sets?)
@@ -113,10 +116,10 @@ def evaluate_split(model_dir, split: str, out: Path, args, cache: dict) -> dict:
     if "model" not in cache or cache["dir"] != model_dir:
         cache.update(dir=model_dir, model=load(str(model_dir) if model_dir else args.model, None, "bfloat16"))
     model, tok = cache["model"]
-    pick = lambda xs: train.spread(xs, args.limit or None)
-    harmful, benign = pick(evaluation.load_prompts(harmful_path)), pick(evaluation.load_prompts(benign_path))
+    pick = lambda xs: spread(xs, args.limit or None)
+    harmful, benign = pick(load_prompts(harmful_path)), pick(load_prompts(benign_path))
     public = {k: pick(v) for k, v in evaluation.public_prompts().items()} if with_public else None
-    report = evaluation.evaluate(model, tok, harmful, benign, None, args.max_new_tokens, log=train.log, public=public)
+    report = evaluation.evaluate(model, tok, harmful, benign, None, args.max_new_tokens, log=log, public=public)
     report["run"] = key
     write_json(path, report)
     return report

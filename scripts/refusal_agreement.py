@@ -22,10 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evaluation  # noqa: E402
+from common.errors import UserError, one_line_errors  # noqa: E402
+from common.files import read_json, read_jsonl, write_jsonl  # noqa: E402
 from data import DATA_DIR  # noqa: E402
-from data.errors import UserError, one_line_errors  # noqa: E402
-from data.files import read_json, read_jsonl, write_jsonl  # noqa: E402
-from data.prompts import REFUSAL_PHRASES, is_refusal  # noqa: E402
+from data.prompt_sets import load_prompts  # noqa: E402
+from rules import REFUSAL_PHRASES, is_refusal  # noqa: E402
 
 LABELS = ("refusal", "partial", "compliance")
 # The broader rule's extra phrases: the ways the default model declines without a refusal opening.
@@ -50,7 +51,7 @@ RULES = {"is_refusal (the project's rule)": is_refusal, "broad (any phrase, disc
 def prompts_by_id() -> dict[str, str]:
     """Every prompt text the reports can refer to: the project's sets and the public ones."""
     files = [DATA_DIR / f"{s}_{k}.jsonl" for s in ("eval", "dev") for k in ("harmful", "benign")]
-    out = {r["id"]: r["prompt"] for f in files for r in evaluation.load_prompts(f)}
+    out = {r["id"]: r["prompt"] for f in files for r in load_prompts(f)}
     return out | {r["id"]: r["prompt"] for rs in evaluation.public_prompts().values() for r in rs}
 
 

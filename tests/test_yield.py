@@ -6,10 +6,10 @@ are replaced by scripted ones, so each rule is checked on hand-made inputs.
 import pytest
 
 import ptalign
+from common.files import write_jsonl
 from data import prompts
 from data.dataset import IGNORE, build_examples, load_records
-from data.files import write_jsonl
-from data.records import format_summary, summarize
+from records import format_summary, summarize
 
 
 def seeds_with_benign():
@@ -174,8 +174,8 @@ def test_judge_calibration_is_the_midpoint_of_the_exemplar_sides(monkeypatch):
 def test_refusal_separation_measures():
     """The separation script's measures on hand-made scores: AUC counts ties as half, and
     harmful_above is the share of harmful scores above the benign cut at that over-refusal."""
-    from refusal_separation import harmful_above
-    from tune_request_gate import auc
+    from scripts.refusal_separation import harmful_above
+    from scripts.tune_request_gate import auc
 
     labels = [True] * 4 + [False] * 20
     scores = [5.0, 3.0, 1.0, -1.0] + [4.0] + [0.0] * 19
