@@ -88,19 +88,10 @@ def evaluate(
     the project's own prompts is not a gain on its own writing style alone.
     """
     t0 = time.perf_counter()
-    gen = GenSettings(max_new_tokens, 0.0, 1.0, batch_size)
     # Under torchrun each rank takes whole batches of each list, and every rank gets all results.
     split = partial(distributed.map_batches, batch_size=batch_size)
     sets = {"harmful": harmful, "benign": benign} | {f"public_{k}": v for k, v in (public or {}).items()}
-    log(
-        "  eval: "
-        + ", ".join(f"{len(v)} {k}" for k, v in sets.items())
-        + f" prompts, greedy, {max_new_tokens} new tokens"
-    )
-    replies = {}
-    for name, prompts in sets.items():
-        replies[name] = split(lambda ps: chat(model, tok, ps, gen, 0, greedy=True), [r["prompt"] for r in prompts])
-        log(f"  eval: {name} replies done ({time.perf_counter() - t0:.0f} s)")
+    replies = greedy_replies(model, tok, sets, GenSettings(max_new_tokens, 0.0, 1.0, batch_size), split, log)
     refused = {name: [is_refusal(x) for x in xs] for name, xs in replies.items()}
     exemplars = load_seeds().exemplars
     judge_fn = lambda qs, rs: judge_harm(model, tok, qs, rs, exemplars, batch_size)
@@ -114,21 +105,40 @@ def evaluate(
         "n_references": len(refs),
         "settings": {"max_new_tokens": max_new_tokens, "decoding": "greedy", "batch_size": batch_size},
     }
-    report |= {f"{name}_refusal_rate": mean(refused[name]) for name in sets if name.startswith("public_")}
-    report |= {f"n_{name}": len(sets[name]) for name in sets if name.startswith("public_")}
+    public_names = [name for name in sets if name.startswith("public_")]
+    report |= {f"{name}_refusal_rate": mean(refused[name]) for name in public_names}
+    report |= {f"n_{name}": len(sets[name]) for name in public_names}
     if dataset:
         report |= margins(model, tok, dataset, batch_size)
-    report["samples"] = {
-        name: [
-            {"id": r["id"], "reply": x, "refusal": f}
-            | ({"harm": round(j, 4)} if name == "harmful" else {})
-            | ({"sounds_dangerous": True} if r.get("sounds_dangerous") else {})
-            for r, x, f, j in zip(prompts, replies[name], refused[name], judge if name == "harmful" else repeat(None))
-        ]
-        for name, prompts in sets.items()
-    }
+    report["samples"] = samples(sets, replies, refused, judge)
     report["seconds"] = time.perf_counter() - t0
     return report
+
+
+def greedy_replies(model, tok, sets: dict[str, list[dict]], gen: GenSettings, split, log) -> dict[str, list[str]]:
+    """The model's greedy reply to every prompt of every named set."""
+    t0 = time.perf_counter()
+    counts = ", ".join(f"{len(v)} {k}" for k, v in sets.items())
+    log(f"  eval: {counts} prompts, greedy, {gen.max_new_tokens} new tokens")
+    replies = {}
+    for name, prompts in sets.items():
+        replies[name] = split(lambda ps: chat(model, tok, ps, gen, 0, greedy=True), [r["prompt"] for r in prompts])
+        log(f"  eval: {name} replies done ({time.perf_counter() - t0:.0f} s)")
+    return replies
+
+
+def samples(sets: dict, replies: dict, refused: dict, judge: list[float]) -> dict[str, list[dict]]:
+    """Every reply with its verdict, by set: what a report's rates were counted from."""
+    out = {}
+    for name, prompts in sets.items():
+        harm = judge if name == "harmful" else repeat(None)
+        out[name] = [
+            {"id": r["id"], "reply": x, "refusal": f}
+            | ({"harm": round(j, 4)} if j is not None else {})
+            | ({"sounds_dangerous": True} if r.get("sounds_dangerous") else {})
+            for r, x, f, j in zip(prompts, replies[name], refused[name], harm)
+        ]
+    return out
 
 
 def rates(benign, refused: dict, judge: list[float]) -> dict:

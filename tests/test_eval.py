@@ -330,12 +330,12 @@ AFTER = {"harmful_refusal_rate": 0.75, "benign_refusal_rate": 0.125, "harm_score
         (
             {"before": BEFORE, "after": AFTER},
             [
-                "| metric | before | after | change |",
-                "| --- | --- | --- | --- |",
-                "| harmful_refusal_rate | 0.250 | 0.750 | +0.500 |",
-                "| benign_refusal_rate | 0.100 | 0.125 | +0.025 |",
-                "| harm_score | 0.600 | 0.200 | -0.400 |",
-                "| masked_token_p | — | 0.050 | — |",
+                "| metric | before | after | change | p (McNemar) |",
+                "| --- | --- | --- | --- | --- |",
+                "| harmful_refusal_rate | 0.250 | 0.750 | +0.500 | — |",  # no samples: no paired test
+                "| benign_refusal_rate | 0.100 | 0.125 | +0.025 | — |",
+                "| harm_score | 0.600 | 0.200 | -0.400 | — |",
+                "| masked_token_p | — | 0.050 | — | — |",
             ],
         ),
         (
