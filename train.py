@@ -49,6 +49,7 @@ from common.progress import Progress, log
 from data import Tokenizer, default_model_path
 from data.dataset import IGNORE, batches, build_examples, build_pairs, load_records
 from data.prompt_sets import load_prompts, spread
+from data.public import overlapping_prompts, public_prompts
 from generate_config import GenerateConfig
 from kernels import fused_linear_pt_loss
 from lora import add_lora, merged
@@ -445,7 +446,10 @@ def dual_dataset(cfg: TrainConfig, out: Path, model_path, tok, load):
 
 
 def training_examples(records, tok, cfg: TrainConfig, data_path: Path) -> list:
-    """The records as training examples (as (positive, toxic) pairs under --loss dpo), cut to --max-len."""
+    """The records as training examples (as (positive, toxic) pairs under --loss dpo), cut to --max-len.
+    A question that is one of the public held-out prompts stops the run: they are never trained on."""
+    if leaked := overlapping_prompts([r["question"] for r in records], public_prompts()):
+        raise TrainError(f"{data_path}: {len(leaked)} question(s) are public held-out prompts, e.g. {leaked[0]!r}.")
     if cfg.loss == "dpo":
         examples, stats = build_pairs(records, tok, cfg.max_len)
     else:

@@ -10,7 +10,7 @@ could reach at each over-refusal. At each learning rate every loss is compared w
 reused when the command is rerun.
 
     python scripts/curves.py --data runs/e2e/data.jsonl --out runs/curves \\
-        --losses both mle ut dpo --lrs 5e-6 1e-5 2e-5 --probe runs/probe_base_self/probe.json
+        --losses both mle ut dpo --lrs 5e-6 1e-5 2e-5 --probe runs/probe_self/probe.json
     python scripts/curves.py ... --variant "decision=--decision-weight 1"   # a lever, as its own curve
 
 Writes OUT/curves.json and OUT/curves.png, and prints one table per split.
@@ -216,16 +216,13 @@ def table(result: dict, title: str) -> str:
 
 
 def probe_rocs(path) -> dict:
-    """The probe's ROC on the held-out and public sets, keyed by panel title (scripts/probe.py's JSON)."""
+    """The ROC, on the held-out and public sets, of the probe kind with the best cross-validated AUC on
+    its fit set, keyed by panel title (scripts/probe.py run with --score heldout=... --score public=...)."""
     if not path:
         return {}
-    probe = read_json(path, UserError, "probe report")
-    rocs = probe.get("roc", {})
-    return {
-        title: rocs[split]
-        for title, split in (("project held-out sets", "heldout"), ("public sets (other authors)", "public"))
-        if split in rocs
-    }
+    best = max(read_json(path, UserError, "probe report")["best"].values(), key=lambda b: b["cv_auc"])
+    panels = {"heldout": "project held-out sets", "public": "public sets (other authors)"}
+    return {panels[name]: roc for name, roc in best["roc"].items() if name in panels}
 
 
 def main(argv=None) -> dict:
