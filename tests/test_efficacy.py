@@ -232,16 +232,15 @@ def test_decision_and_dpo_runs_train(tiny_dir, tmp_path):
     assert steps[-1]["decision"] < steps[0]["decision"]
 
 
-def test_training_refuses_a_public_held_out_prompt(tiny_dir, tmp_path, capsys):
+def test_training_refuses_a_public_held_out_prompt(tiny_dir, tmp_path):
     from data.public import public_prompts
 
     leaked = public_prompts()[7]
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(records_of([(leaked.upper() + " ", "No.", "Yes, here is how.")])[0]) + "\n")
     argv = ["--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "o"), "--skip-eval"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="are public held-out prompts"):
         train.main(argv)
-    assert "are public held-out prompts" in capsys.readouterr().err
     assert not (tmp_path / "o" / "final").exists()
 
 
