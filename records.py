@@ -1,20 +1,24 @@
 """The dual-dataset file as `ptalign.py generate` writes it, and its bookkeeping.
 
-One JSON record per question, appended chunk by chunk and stamped with the settings that
-made it. Next to it, while a run is unfinished, OUT.journal holds every batch of model work
-as it finishes (generate.in_batches): a run killed at any point loses at most the batch in
-progress, and resuming with the same settings gives exactly the file an uninterrupted run
-writes. Also here: the progress line of a run, the summary of a finished file, and `show`
-(the records as text).
+One JSON record per question, appended chunk by chunk (`write_chunks`, which runs the method's
+stages on each chunk not yet written) and stamped with the settings that made it. Next to it,
+while a run is unfinished, OUT.journal holds every batch of model work as it finishes
+(generate.in_batches): a run killed at any point loses at most the batch in progress, and
+resuming with the same settings gives exactly the file an uninterrupted run writes. Also here:
+the progress line of a run and its ETA, the summary of a finished file, and `show` (the records
+as text).
 Training reads the same file through `data.dataset.load_records`; the settings that make it
 are generate_config.py's.
 """
 
 from __future__ import annotations
 
+import math
 import sys
+from functools import partial
 from pathlib import Path
 
+import distributed
 from common.files import Journal, append_jsonl, read_jsonl, remove_stale_temps, write_jsonl
 from common.progress import Progress, log
 from data.dataset import read_records
@@ -100,6 +104,16 @@ class DatasetFile:
         return [self.done[x["id"]] for x in items if x["id"] in self.done]
 
 
+def open_dataset(out, settings: dict) -> tuple[DatasetFile, Journal | None]:
+    """The dataset file at `out`, resumed, and the journal of its run's finished batches; a file or
+    journal of other settings is refused here, before any model loads. Under torchrun only rank 0
+    keeps the journal (another rank loses at most the chunk it is computing)."""
+    dataset = DatasetFile(out, settings)
+    journal = dataset.open_journal() if distributed.is_main() else None
+    distributed.barrier()  # every rank has read the file before rank 0 appends to it
+    return dataset, journal
+
+
 class Meter:
     """The progress line of a generate run: its work (weighted model calls, common.progress),
     records written, generated tokens/s (from a tally with .rate()), elapsed time and ETA."""
@@ -115,6 +129,40 @@ class Meter:
             f"{self.progress.bar(30)} {label:<28} {self.records_done}/{self.records} records  "
             f"{self.tally.rate():5.1f} tok/s  {dt:5.0f} s  ETA {eta:4.0f} s"
         )
+
+
+# Relative cost of the stages of a chunk, for the ETA (measured on the default model: a
+# refinement round, with its two critiques, two revisions and two judgements, costs about
+# three times the dual responses or the self-check and spans; the anchor's questions and
+# answers about as much as the dual responses).
+STAGE_COST = {"responses": 1.0, "round": 3.0, "spans": 1.0, "anchor": 1.0}
+
+
+def write_chunks(dataset: DatasetFile, questions, dual, anchors, answer, chunk_size: int, rounds: int, tally) -> None:
+    """dual(start, chunk, progress) on every chunk of questions not yet in the file, then
+    answer(start, chunk) on every chunk of anchor questions; each chunk's records are appended
+    as it is done (the resume points), with a progress line for each stage.
+
+    `start` is the chunk's place in its list (it seeds the chunk's sampling); dual reports each
+    stage it finishes with progress(stage, label), stage a key of STAGE_COST. Under torchrun the
+    chunks are dealt out to the ranks and rank 0 appends them in order: a chunk's samples depend
+    only on its questions and its start, so the file is the one a single process writes.
+    """
+    todo, anchor_todo = dataset.pending(questions, chunk_size), dataset.pending(anchors, chunk_size)
+    per_chunk = STAGE_COST["responses"] + rounds * STAGE_COST["round"] + STAGE_COST["spans"]
+    work = len(todo) * per_chunk + len(anchor_todo) * STAGE_COST["anchor"]
+    meter = Meter(work, len(questions) + len(anchors), tally, len(dataset.records(questions + anchors)))
+    name = lambda start: f"chunk {start // chunk_size + 1}/{math.ceil(len(questions) / chunk_size)}"
+    step = lambda start, stage, label, n=0: log(meter.step(f"{name(start)}: {label}", STAGE_COST[stage], n))
+    for (start, _), records, here in distributed.in_turns(todo, lambda job: dual(*job, partial(step, job[0]))):
+        written = dataset.append(records)
+        if here:
+            step(start, "spans", "self-check, spans", written)
+        else:  # computed by another rank: all of its work arrives at once
+            log(meter.step(f"{name(start)}: from another rank", per_chunk, written))
+    for (start, chunk), records, _ in distributed.in_turns(anchor_todo, lambda job: answer(*job)):
+        written = dataset.append(records)
+        log(meter.step(f"anchor answers {start + len(chunk)}/{len(anchors)}", STAGE_COST["anchor"], written))
 
 
 def summarize(records, qstats=None, astats=None) -> dict:
@@ -163,6 +211,16 @@ def take_rates(records) -> list[dict]:
             }
         )
     return rates
+
+
+def with_times(summary: dict, seconds: float, tally) -> dict:
+    """The summary of a run that generated, with its time and its generation's tokens/s (from a tally)."""
+    return summary | dict(
+        seconds=round(seconds, 1),
+        generated_tokens=tally.tokens,
+        generation_seconds=round(tally.seconds, 1),
+        generated_tokens_per_s=round(tally.rate(), 1),
+    )
 
 
 def format_summary(s: dict) -> str:

@@ -25,6 +25,17 @@ def load_prompts(path, required=("id", "category", "prompt")) -> list[dict]:
     return out
 
 
+def given_questions(path, n: int, prefix: str) -> tuple[list[dict], dict]:
+    """The first n prompts of a prompt file (one JSON object with a 'prompt' per line, as the
+    held-out sets) as question records, in place of self-instruct; returns (records, stats)."""
+    prompts = load_prompts(path, required=("prompt",))[:n]
+    category = lambda r: r["category"] if isinstance(r.get("category"), str) else "given"
+    records = [
+        {"id": f"{prefix}{i:04d}", "category": category(r), "question": r["prompt"]} for i, r in enumerate(prompts)
+    ]
+    return records, {"candidates": len(records), "malformed": 0, "duplicate": 0}
+
+
 def spread(items: list, limit: int | None) -> list:
     """`limit` items evenly spaced through the list (the prompt sets are grouped by category, so
     the first `limit` would cover one or two categories)."""

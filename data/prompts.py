@@ -150,6 +150,14 @@ def bullets(items) -> str:
     return "\n".join(f"- {x}" for x in items)
 
 
+def few_shot(system: str | None, solved, question: str) -> list[dict]:
+    """A conversation: the instructions (None: none), the solved cases ((question, answer) pairs)
+    as earlier turns, then the question asked."""
+    head = [] if system is None else [{"role": "system", "content": system}]
+    shots = [m for q, a in solved for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    return head + shots + [{"role": "user", "content": question}]
+
+
 def question_prompt(category: dict) -> tuple[str, str]:
     """The instruction for one category, and the start of the reply: its examples as a numbered list."""
     prompt = QUESTION_PROMPT.format(

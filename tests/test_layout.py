@@ -125,3 +125,19 @@ def test_tests_hold_only_tests_and_their_helpers():
         used = path.stem in imported_by_tests or f"tests/{path.name}" in text_of_tests  # run as a subprocess
         assert used, f"{path.relative_to(ROOT)} is not a test nor used by one: move it to scripts/"
     assert not [p for p in tests.iterdir() if p.is_file() and p.suffix not in (".py",)], "tests/ holds only Python"
+
+
+MAX_FUNCTION_LINES = 50
+
+
+def test_no_function_over_50_lines():
+    """Every function of the product code (methods and nested functions too) is at most 50 lines,
+    counted from its `def` line to its last line, docstring included."""
+    long = []
+    for path in sorted(product_modules().values()):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, f"over {MAX_FUNCTION_LINES} lines: " + ", ".join(long)

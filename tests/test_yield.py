@@ -36,7 +36,7 @@ def test_request_judge_sees_both_kinds_as_solved_cases(monkeypatch):
     every benign one answered No, then the question asked."""
     seen = {}
 
-    def yes_probability(model, tok, convs, batch_size):
+    def yes_probability(model, tok, convs, batch_size, journal=None):
         seen["convs"] = convs
         return [0.9] * len(convs)
 
@@ -52,7 +52,7 @@ def test_request_judge_sees_both_kinds_as_solved_cases(monkeypatch):
 
 
 def test_gate_drops_questions_judged_harmless(monkeypatch):
-    monkeypatch.setattr(ptalign, "request_harm", lambda m, t, s, qs, b: [0.9, 0.2, 0.5])
+    monkeypatch.setattr(ptalign, "request_harm", lambda m, t, s, qs, b, journal=None: [0.9, 0.2, 0.5])
     records = [{"id": f"q{i}", "question": q} for i, q in enumerate(["bad?", "kill a process?", "edge?"])]
     out = ptalign.gate_questions(None, None, seeds_with_benign(), records, threshold=0.5, batch_size=4)
     assert [r.get("kept", True) for r in out] == [True, False, True]
@@ -162,7 +162,7 @@ def test_judge_calibration_is_the_midpoint_of_the_exemplar_sides(monkeypatch):
     seeds.exemplars = [{"question": f"q{i}", "positive": f"p{i}", "toxic": f"t{i}"} for i in range(3)]
     scores = {"p0": 0.1, "t0": 0.5, "p1": 0.2, "t1": 0.7, "p2": 0.3, "t2": 0.6}
 
-    def judge_harm(model, tok, questions, responses, exemplars, batch_size):
+    def judge_harm(model, tok, questions, responses, exemplars, batch_size, journal=None):
         asked = questions[0]
         assert all(e["question"] != asked for e in exemplars) and len(exemplars) == 2
         return [scores[r] for r in responses]
