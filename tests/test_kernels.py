@@ -657,8 +657,10 @@ def test_fp32_accumulating_gemm_and_its_fallback():
     b = torch.randn(70, 50, generator=gen).bfloat16()
     acc = torch.randn(300, 50, generator=gen)
     expected = acc.double() + a.double() @ b.double()
-    add_product_fp32(acc, a, b)
-    assert rel_err(acc, expected) <= 1e-6
+    for device in ["cpu"] + ["cuda"] * torch.cuda.is_available():  # on a GPU: whichever path the gate picks
+        got = acc.to(device)
+        add_product_fp32(got, a.to(device), b.to(device))
+        assert rel_err(got.cpu(), expected) <= 1e-6, (device, fp32_out_gemm(torch.device(device), torch.bfloat16))
 
 
 @pytest.mark.parametrize("go", [1.0, 0.37, 2.0])
