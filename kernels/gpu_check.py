@@ -353,10 +353,20 @@ def _pytest(selection, env):
     }
 
 
+# The kernel tests on CUDA in three runs, most valuable first, so that a run cut short at its limit
+# has said the most it could: what only a GPU can run, the core of the kernels against float64,
+# then the rest (the PyTorch fallback's cases are left out everywhere: they run on the CPU).
+CORE_TESTS = "vocabulary_sizes or dtypes_and_reductions or one_read_path or fused_linear or scale_by or fp32_accum"
+TEST_RUNS = [
+    ("gpu only", "2_31"),
+    ("core", f"not torch and ({CORE_TESTS})"),
+    ("rest", f"not torch and not 2_31 and not ({CORE_TESTS})"),
+]
+
+
 def stage_tests(body):
-    """The kernel tests on CUDA: the GPU-only ones first (bf16 logits of more than 2^31 elements),
-    then the rest (the PyTorch fallback's cases left out: they run on the CPU)."""
-    runs = [("gpu only", "2_31"), ("all", "not torch and not 2_31")]
+    """tests/test_kernels.py on CUDA, in the runs of TEST_RUNS; a toy selection in the dry run."""
+    runs = TEST_RUNS
     if body.dry_run:
         runs = [("toy", "no_competitor and triton")]
     result = {}
