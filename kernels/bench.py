@@ -112,6 +112,8 @@ def _library(name, takes, module, make, device):
         lib = importlib.import_module(module)
     except ImportError:
         return Method(name, takes, missing=f"not installed ({module})", mle_only=True)
+    except Exception as e:  # installed but broken here (a CUDA or DSL mismatch): its row says so
+        return Method(name, takes, missing=f"import failed: {type(e).__name__}: {str(e)[:60]}", mle_only=True)
     if device.type != "cuda":
         return Method(name, takes, missing="needs CUDA", mle_only=True)
     return Method(name, takes, fn=make(lib), mle_only=True)

@@ -428,28 +428,12 @@ def _write_grad_blocks(
 )
 @triton.jit
 def _pt_loss_kernel(
-    logits_ptr,
-    grad_ptr,
-    targets_ptr,
-    is_ut_ptr,
-    weights_ptr,
-    loss_ptr,
-    stats_ptr,
-    n_rows,
-    n_vocab,
-    ignore_index,
-    seq_len,
-    stride_seq,
-    stride_row,
-    grad_stride_seq,
-    grad_stride_row,
-    WRITE_GRAD: tl.constexpr,
-    ONE_READ: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    logits_ptr, grad_ptr, targets_ptr, is_ut_ptr, weights_ptr, loss_ptr, stats_ptr,
+    n_rows, n_vocab, ignore_index, seq_len, stride_seq, stride_row, grad_stride_seq, grad_stride_row,
+    WRITE_GRAD: tl.constexpr, ONE_READ: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
     PER_SM: tl.constexpr,  # read by the launcher's grid (`grid_size`), not here
     STAGES: tl.constexpr,
-):
+):  # fmt: skip
     """Loss and stats of every row and, with WRITE_GRAD, its gradient weighted by the row's
     token weight. Each program takes tiles of ROWS rows in turn (a persistent grid)."""
     for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
