@@ -26,8 +26,8 @@ summary.json is rewritten after every stage, so a run cut short still says what 
                      losses finite, s/step, tokens/s
     generate   70 s  greedy generation on that checkpoint, generate.py's `generate` against
                      transformers' LlamaForCausalLM loaded from the same directory: tokens/s at
-                     batch 1 and 32 in bf16, and the replies compared (equal in fp32; bf16 may
-                     part where two logits tie within its rounding)
+                     batch 1 and 32 in bf16 (median of 3 runs), and the replies compared (equal
+                     in fp32; bf16 may part where two logits tie within its rounding)
 
 All of them together stop at --total-seconds (480). DIR holds at most 8 files, none over 16 MiB,
 nothing below DIR itself: summary.json (environment, each stage's status, seconds and numbers),
@@ -556,17 +556,20 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def _compare(ours_model, hf_model, tok, prompts, batch, new_tokens, timed):
-    """Our greedy replies against transformers' at one batch size: equal?, and tokens/s of each."""
+def _compare(ours_model, hf_model, tok, prompts, batch, new_tokens, reps):
+    """Our greedy replies against transformers' at one batch size: how many are equal and, with
+    reps > 0, tokens/s of each (the median of reps runs after a short warm-up run)."""
     from generate import generate
 
     ours = lambda n: generate(ours_model, tok, prompts[:batch], max_new_tokens=n, batch_size=batch)  # noqa: E731
     theirs = lambda n: _hf_replies(hf_model, tok, prompts[:batch], n)  # noqa: E731
-    if timed:  # one short run each first: kernels, cuBLAS handles and caches warm
+    if reps:  # kernels, cuBLAS handles and caches warm
         ours(4), theirs(4)
     (a, t_ours), (b, t_hf) = _timed(lambda: ours(new_tokens)), _timed(lambda: theirs(new_tokens))
     row = dict(batch=batch, new_tokens=new_tokens, equal=sum(x == y for x, y in zip(a, b)), of=len(a))
-    if timed:  # a random model never meets its stop token in practice: every row runs to new_tokens
+    if reps:  # a random model never meets its stop token in practice: every row runs to new_tokens
+        t_ours = sorted([t_ours] + [_timed(lambda: ours(new_tokens))[1] for _ in range(reps - 1)])[reps // 2]
+        t_hf = sorted([t_hf] + [_timed(lambda: theirs(new_tokens))[1] for _ in range(reps - 1)])[reps // 2]
         row |= dict(ours_tokens_per_s=batch * new_tokens / t_ours, hf_tokens_per_s=batch * new_tokens / t_hf)
     return row
 
@@ -584,12 +587,13 @@ def stage_generate(body):
     tok = Tokenizer.from_pretrained(ckpt)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prompts = questions(32)
-    plan = [("bfloat16", True, 128), ("float32", False, 32)] if device.type == "cuda" else [("float32", True, 8)]
+    # (dtype, timed runs, new tokens): bf16 timed, fp32 for equality; the dry run times fp32 once
+    plan = [("bfloat16", 3, 128), ("float32", 0, 32)] if device.type == "cuda" else [("float32", 1, 8)]
     result = {}
-    for name, timed, new_tokens in plan:
+    for name, reps, new_tokens in plan:
         dtype = getattr(torch, name)
         ours, hf = Transformer.from_pretrained(ckpt, dtype=dtype, device=device), _hf_model(ckpt, dtype, device)
-        result[name] = [_compare(ours, hf, tok, prompts, batch, new_tokens, timed) for batch in (1, 32)]
+        result[name] = [_compare(ours, hf, tok, prompts, batch, new_tokens, reps) for batch in (1, 32)]
         body.save(result)
         del ours, hf
         if device.type == "cuda":
