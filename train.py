@@ -81,9 +81,11 @@ def micro_batch_loss(model, ids, targets, ut, w_mle: float, alpha_eff: float, de
     The step's loss is  sum_MLE(-log p) / n_mle + alpha * sum_UT(-log(1 - p)) / n_ut  with the
     counts taken over all its micro-batches (a plain mean per micro-batch would weigh a token
     by the size of its micro-batch). So each micro-batch runs the fused loss with
-    reduction="sum" and alpha_eff = alpha * n_mle / n_ut, times w_mle = 1 / n_mle: that is
-    exactly its share. Only positions with a target reach the loss: the prompt, the toxic
-    tokens outside the spans and the padding are left out before the output projection.
+    reduction="sum" and alpha_eff = alpha * n_mle / n_ut, scaled by w_mle = 1 / n_mle: that is
+    exactly its share. The scale goes into the call, not onto its result, so loss.backward()
+    hands it a grad_output of 1 and the gradients the fused loss made in its forward pass are
+    used as they are (3 GEMMs, not 4). Only positions with a target reach the loss: the prompt,
+    the toxic tokens outside the spans and the padding are left out before the output projection.
     Returns (scaled loss, LossParts of this micro-batch).
     """
     keep = (targets.reshape(-1) != IGNORE).nonzero().squeeze(1)  # found on the CPU: no device sync
@@ -98,8 +100,7 @@ def micro_batch_loss(model, ids, targets, ut, w_mle: float, alpha_eff: float, de
     weight = model.lm_head_weight
     if precision == "bf16":  # bf16 logits, fp32 statistics inside the kernel
         hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
-    loss, parts = fused_linear_pt_loss(hidden, weight, t, u, alpha=alpha_eff, reduction="sum", return_parts=True)
-    return loss * w_mle, parts
+    return fused_linear_pt_loss(hidden, weight, t, u, alpha=alpha_eff, reduction="sum", scale=w_mle, return_parts=True)
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
