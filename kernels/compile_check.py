@@ -229,7 +229,7 @@ def probe(archs=ARCHS):
     where does it start to spill? This is how ONE_READ_MAX was chosen."""
     for arch, dtype_name, k, warps in itertools.product(archs, ("bf16", "fp32"), range(13, 18), (8, 16, 32)):
         block_v = 1 << k
-        config = triton.Config(dict(ONE_READ=True, ROWS=1, BLOCK_V=block_v, PER_SM=0), num_warps=warps)
+        config = triton.Config(dict(ONE_READ=True, ROWS=1, BLOCK_V=block_v, PER_SM=0, STAGES=1), num_warps=warps)
         logits = _logits(one_read_vocab(block_v), DTYPES[dtype_name], "2d")
         rows = logits.shape[0]
         vectors = [torch.empty(rows, device="meta") for _ in range(2)]
