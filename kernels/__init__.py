@@ -15,7 +15,7 @@ All three take return_parts=True and then return (loss, LossParts(mle, ut, n_mle
 the mean -log p over MLE tokens and the mean -log(1 - p) over UT tokens, for logging
 (with reduction="mean", loss = mle + alpha * ut). `python -m kernels.bench` benchmarks them,
 `python -m kernels.compile_check` compiles the kernels for sm_80 / sm_90 without a GPU, and
-`python3 -m kernels.gpu_check --out DIR` runs everything that needs one (docs/gpu_check.md).
+`python3 -m kernels.gpu_check --out DIR` runs everything that needs one (docs/kernels.md, "GPU check").
 """
 
 from .fused_linear import fused_linear_pt_loss
