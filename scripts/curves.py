@@ -55,14 +55,20 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="dual dataset JSONL every run trains on (ptalign.py generate)")
     p.add_argument("--out", required=True, help="directory for the runs, curves.json and curves.png")
     p.add_argument("--model", help="starting checkpoint (default: the embedded default model)")
-    p.add_argument("--losses", nargs="+", default=["both", "mle", "ut", "dpo"], help="train.py --loss values")
+    p.add_argument(
+        "--losses",
+        nargs="+",
+        default=["both", "mle", "ut", "dpo"],
+        help="train.py --loss values; LOSS:LR,LR gives that loss its own learning rates",
+    )
     p.add_argument("--lrs", nargs="+", type=float, default=[5e-6, 1e-5, 2e-5], help="peak learning rates")
     p.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta (--loss dpo)")
     p.add_argument(
         "--variant",
         action="append",
         default=[],
-        help='NAME=FLAGS: one more curve, loss both plus these train.py flags, e.g. "decision=--decision-weight 1"',
+        help='NAME=FLAGS: one more curve, loss both plus these train.py flags, e.g. "decision=--decision-weight 1" '
+        "(NAME:LR,LR=FLAGS: with its own learning rates)",
     )
     p.add_argument("--seed", type=int, default=0, help="training seed, the same for every run")
     p.add_argument("--probe", help="probe.json of scripts/probe.py: its ROC is drawn on the same axes")
@@ -77,14 +83,19 @@ def parse_args(argv=None):
 
 
 def runs(args) -> list[dict]:
-    """Every (curve, learning rate) to train: the losses, then each --variant as loss both + flags."""
-    curves = [
-        (loss, [f"--loss={loss}"] + ([f"--dpo-beta={args.dpo_beta}"] if loss == "dpo" else [])) for loss in args.losses
-    ]
+    """Every (curve, learning rate) to train: the losses, then each --variant as loss both + flags.
+    A curve named NAME:LR,LR takes those learning rates instead of --lrs."""
+    curves = [(loss, [f"--loss={loss.partition(':')[0]}"]) for loss in args.losses]
+    curves = [(c, f + ([f"--dpo-beta={args.dpo_beta}"] if f[0] == "--loss=dpo" else [])) for c, f in curves]
     for v in args.variant:
         name, _, flags = v.partition("=")
         curves.append((name, ["--loss=both", *shlex.split(flags)]))
-    return [dict(curve=c, lr=lr, flags=f, dir=Path(args.out) / f"{c}_lr{lr:g}") for c, f in curves for lr in args.lrs]
+    out = []
+    for spec, flags in curves:
+        name, _, lrs = spec.partition(":")
+        for lr in [float(x) for x in lrs.split(",")] if lrs else args.lrs:
+            out.append(dict(curve=name, lr=lr, flags=flags, dir=Path(args.out) / f"{name}_lr{lr:g}"))
+    return out
 
 
 def train_run(run: dict, args) -> Path:
