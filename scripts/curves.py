@@ -232,7 +232,11 @@ def probe_rocs(path) -> dict:
     if not path:
         return {}
     best = max(read_json(path, UserError, "probe report")["best"].values(), key=lambda b: b["cv_auc"])
-    panels = {"heldout": "project held-out sets", "public": "public sets (other authors)"}
+    panels = {
+        "heldout": "project held-out sets",
+        "eval": "project held-out sets",
+        "public": "public sets (other authors)",
+    }
     return {panels[name]: roc for name, roc in best["roc"].items() if name in panels}
 
 
