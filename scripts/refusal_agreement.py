@@ -60,10 +60,9 @@ def sheet(reports: list[str], n: int, seed: int) -> list[dict]:
     prompts, pools = prompts_by_id(), []
     for path in reports:
         report = read_json(path, UserError, "evaluation report")
+        name = f"{Path(path).parent.name}/{Path(path).stem}"  # runs/X/eval.json -> X/eval: which model replied
         for kind, samples in report["samples"].items():
-            pools.append(
-                [{"report": Path(path).stem, "kind": kind, "id": s["id"], "reply": s["reply"]} for s in samples]
-            )
+            pools.append([{"report": name, "kind": kind, "id": s["id"], "reply": s["reply"]} for s in samples])
     rng = random.Random(seed)
     picked = []
     for i, pool in enumerate(pools):

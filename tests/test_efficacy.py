@@ -310,3 +310,10 @@ def test_refusal_rule_agreement_on_hand_made_labels(tmp_path):
     path.write_text(json.dumps(rows[0] | {"label": "maybe"}) + "\n")
     with pytest.raises(refusal_agreement.UserError, match="label"):
         refusal_agreement.load_labels(path)
+
+
+def test_the_hand_labels_cover_both_models_and_every_kind_of_prompt():
+    rows = refusal_agreement.load_labels(Path(__file__).resolve().parents[1] / "data" / "refusal_labels.jsonl")
+    assert len(rows) == 150
+    assert {r["report"].split("/")[0] for r in rows} == {"base", "both_lr1e-05"}  # before and after training
+    assert {r["kind"] for r in rows} == {"harmful", "benign", "public_harmful", "public_benign"}
