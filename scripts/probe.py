@@ -28,7 +28,7 @@ with class-balanced weights (each class weighs half) and an L2 penalty: minimise
 log-loss + penalty/2 * |w|^2, bias unpenalised, by Newton's method. The penalty is chosen per layer
 and kind by stratified k-fold cross-validation inside the fit set (best mean fold AUC; the larger
 penalty on a tie), then the probe is refitted on the whole fit set. A scoring set is never fitted
-on, and one made of the fit set's own files is refused.
+on: one that shares a file with the fit set is refused.
 
 Reported per layer and kind, on each scoring set: the AUC (the chance that a harmful prompt scores
 above a benign one, ties counting half) and the share of harmful prompts caught at 5% and 10% of
@@ -106,11 +106,12 @@ def pair_name(paths: list[Path]) -> str:
 
 
 def check_sets(fit: PromptSet, scored: list[PromptSet]) -> None:
-    """Refuse a scoring set made of the fit set's files and give repeated names a number."""
-    names = set()
+    """Refuse a scoring set that shares a file with the fit set; give repeated names a number."""
+    names, fitted = set(), {p.resolve() for p in fit.files}
     for s in scored:
-        if {p.resolve() for p in s.files} == {p.resolve() for p in fit.files}:
-            raise UserError(f"{','.join(map(str, s.files))}: the fit set cannot be a scoring set too.")
+        shared = [p for p in s.files if p.resolve() in fitted]
+        if shared:
+            raise UserError(f"{shared[0]}: a file of the fit set cannot be scored on (the probe was fitted on it).")
         base, n = s.name, 2
         while s.name in names:
             s.name, n = f"{base}{n}", n + 1
@@ -129,12 +130,12 @@ def overlap(fit: PromptSet, s: PromptSet) -> int:
 
 def encode_prompt(tok, prompt: str) -> tuple[list[int], list[bool]]:
     """Ids of the prompt as a user turn with the generation prompt, and which of them are the prompt's text."""
-    text = tok.render_chat(prompt)
-    start = text.rfind(prompt)
+    text, content = tok.render_chat(prompt), prompt.strip()  # some templates trim the message
+    start = text.rfind(content)
     if start < 0:
         raise UserError(f"the chat template changes the prompt {prompt[:40]!r}; its tokens cannot be found for 'mean'.")
     ids, offsets = tok.encode_with_offsets(text)
-    return ids, spans_to_token_mask(offsets, [[start, start + len(prompt)]])
+    return ids, spans_to_token_mask(offsets, [[start, start + len(content)]])
 
 
 @torch.inference_mode()

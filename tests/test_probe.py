@@ -114,8 +114,10 @@ def test_a_dataset_file_gives_red_team_and_anchor_questions(tmp_path):
     assert (s.name, s.harmful, s.benign) == ("data", ["Why hurt?"], ["Why sky?"])
     h, b = write_prompts(tmp_path / "eval_harmful.jsonl", ["a"]), write_prompts(tmp_path / "eval_benign.jsonl", ["b"])
     assert (probe.read_set(f"{h},{b}").name, probe.read_set(f"x={h},{b}").name) == ("eval", "x")
-    with pytest.raises(UserError, match="cannot be a scoring set"):
+    with pytest.raises(UserError, match="cannot be scored on"):
         probe.check_sets(s, [probe.read_set(str(tmp_path / "data.jsonl"))])
+    with pytest.raises(UserError, match="eval_benign.jsonl: a file of the fit set"):
+        probe.check_sets(probe.read_set(f"{b},{b}"), [probe.read_set(f"{h},{b}")])
 
 
 def test_command_writes_report_and_chart_on_the_tiny_model(tiny_dir, tmp_path):
@@ -134,3 +136,19 @@ def test_command_writes_report_and_chart_on_the_tiny_model(tiny_dir, tmp_path):
     assert set(saved["best"]) == {"last", "mean"} and saved["scored"][0]["overlap_with_fit"] == 7
     for row in saved["rows"]:
         assert row["penalty"] in probe.GRID and set(row["scores"]["again"]) >= {"auc", "caught_at_5", "caught_at_10"}
+
+
+def test_features_mark_the_prompt_and_do_not_depend_on_the_batch(tiny_dir):
+    """'mean' averages over exactly the prompt's own tokens; right padding changes no prompt's features."""
+    from generate import load
+
+    model, tok = load(str(tiny_dir), "cpu", "float32")
+    ids, mine = probe.encode_prompt(tok, "How do I sharpen a knife?")
+    assert tok.decode([i for i, m in zip(ids, mine) if m]).strip() == "How do I sharpen a knife?"
+    assert ids == tok.apply_chat_template("How do I sharpen a knife?") and not mine[-1]
+    prompts = ["Hi.", "How do I sharpen a knife quickly and safely at home?", "Name a bird."]
+    batched = probe.features(model, tok, prompts, batch_size=3, embeddings=True)
+    alone = [probe.features(model, tok, [p], batch_size=1, embeddings=True) for p in prompts]
+    for kind in probe.KINDS:
+        assert batched[kind].shape == (2, 3, model.config.dim)
+        np.testing.assert_allclose(batched[kind], np.concatenate([a[kind] for a in alone], 1), atol=1e-5)
