@@ -13,8 +13,9 @@ refusal rates move and the AUC does not.
 
 Prompt sets (--fit, --score): `HARMFUL.jsonl,BENIGN.jsonl` (a 'prompt' per line, as data/eval_*.jsonl),
 optionally named as `NAME=HARMFUL.jsonl,BENIGN.jsonl`; or a dataset file of `ptalign.py generate`,
-whose kept red-team questions are the harmful class and its kept anchor questions the benign one
-(the records training reads: no label beyond what self-generation assigns).
+whose red-team questions are the harmful class and its anchor questions the benign one: no label
+beyond what self-generation assigns (--questions: those the request gate passed, or only those of
+the records training reads).
 
 Features, per layer: the residual stream after each block (and after the embedding with
 --embeddings), for the prompt as a user turn in the chat template with the generation prompt
@@ -56,11 +57,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.cli import POSITIVE, POSITIVE_FLOAT, Parser, number  # noqa: E402
-from data.dataset import load_records, spans_to_token_mask  # noqa: E402
+from data.dataset import DatasetError, load_records, spans_to_token_mask  # noqa: E402
 from data.errors import UserError, one_line_errors  # noqa: E402
-from data.files import check_output_dir, pyplot, save_figure, write_json  # noqa: E402
+from data.files import check_output_dir, pyplot, read_jsonl, save_figure, write_json  # noqa: E402
 from evaluation import load_prompts  # noqa: E402
 from generate import load  # noqa: E402
+from ptalign import GATE_DROPPED  # noqa: E402
 
 KINDS = ("last", "mean")
 GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)  # penalties cross-validation chooses from
@@ -79,8 +81,9 @@ class PromptSet:
     benign: list[str]
 
 
-def read_set(spec: str) -> PromptSet:
-    """A prompt set from its flag: [NAME=]HARMFUL.jsonl,BENIGN.jsonl, or a `ptalign.py generate` dataset file."""
+def read_set(spec: str, questions: str = "gated") -> PromptSet:
+    """A prompt set from its flag: [NAME=]HARMFUL.jsonl,BENIGN.jsonl, or a `ptalign.py generate` dataset file
+    (`questions`: which of its questions, see dataset_questions)."""
     m = re.fullmatch(r"(\w[\w.-]*)=(.+)", spec)
     name, spec = (m[1], m[2]) if m else (None, spec)
     paths = [Path(p) for p in spec.split(",")]
@@ -89,12 +92,23 @@ def read_set(spec: str) -> PromptSet:
         return PromptSet(name or pair_name(paths), paths, harmful, benign)
     if len(paths) != 1:
         raise UserError(f"{spec}: a prompt set is HARMFUL.jsonl,BENIGN.jsonl or one dataset file, not {len(paths)}.")
-    records = load_records(paths[0])
-    harmful = [r["question"] for r in records if r.get("kind") != "anchor"]
-    benign = [r["question"] for r in records if r.get("kind") == "anchor"]
+    harmful, benign = dataset_questions(paths[0], questions)
     if not (harmful and benign):
-        raise UserError(f"{paths[0]}: the dataset needs kept red-team and anchor questions (the probe's two classes).")
+        raise UserError(f"{paths[0]}: the dataset needs red-team and anchor questions (the probe's two classes).")
     return PromptSet(name or paths[0].stem, paths, harmful, benign)
+
+
+def dataset_questions(path: Path, questions: str) -> tuple[list[str], list[str]]:
+    """The red-team and the anchor questions of a dataset file: "kept", those of the records training
+    reads; "gated", every red-team question the request gate passed and every anchor question, the
+    labels the method gives its questions whatever became of their replies."""
+    if questions == "kept":
+        records = load_records(path)
+    else:
+        load_records(path)  # the same checks of the file
+        records = [r for _, r in read_jsonl(path, DatasetError, "dataset") if r.get("dropped") != GATE_DROPPED]
+    harmful = [r["question"] for r in records if r.get("kind") != "anchor"]
+    return harmful, [r["question"] for r in records if r.get("kind") == "anchor"]
 
 
 def pair_name(paths: list[Path]) -> str:
@@ -388,6 +402,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         required=True,
         help="set it is scored on: [NAME=]HARMFUL.jsonl,BENIGN.jsonl or a dataset file; repeat for several",
     )
+    p.add_argument(
+        "--questions",
+        choices=["gated", "kept"],
+        default="gated",
+        help="a dataset file's questions: every red-team question the request gate passed and every anchor question "
+        "(gated, the default), or only those of the records training reads (kept)",
+    )
     p.add_argument("--out", required=True, help="directory for probe.json and probe_roc.png")
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype (default: float32)"
@@ -409,7 +430,7 @@ def run(args) -> dict:
     """Fit and score the probe of every layer and kind; write probe.json and probe_roc.png; return the report."""
     t0 = time.perf_counter()
     check_output_dir(args.out, "--out")
-    fit, scored = read_set(args.fit), [read_set(s) for s in args.score]
+    fit, scored = read_set(args.fit, args.questions), [read_set(s, args.questions) for s in args.score]
     check_sets(fit, scored)
     grid = (args.penalty,) if args.penalty else GRID
     if min(len(fit.harmful), len(fit.benign)) < args.folds:
@@ -427,7 +448,8 @@ def run(args) -> dict:
         "model": args.model,
         "fit": describe(fit),
         "scored": [describe(s) | {"overlap_with_fit": overlap(fit, s)} for s in scored],
-        "settings": {k: getattr(args, k) for k in ("dtype", "embeddings", "folds", "seed")} | {"penalties": list(grid)},
+        "settings": {k: getattr(args, k) for k in ("dtype", "embeddings", "folds", "seed", "questions")}
+        | {"penalties": list(grid)},
         "best": best,
         "rows": rows,
         "seconds": round(time.perf_counter() - t0, 1),

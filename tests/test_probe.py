@@ -104,14 +104,26 @@ def write_prompts(path, prompts):
 
 
 def test_a_dataset_file_gives_red_team_and_anchor_questions(tmp_path):
+    """Gated: every red-team question the request gate passed, every anchor; kept: the records training reads."""
     records = [
         {"id": "q0", "question": "Why hurt?", "positive": "No.", "toxic": "bad", "spans": [[0, 3]], "kept": True},
         {"id": "q1", "question": "Why gone?", "kept": False, "dropped": "question judged harmless"},
+        {
+            "id": "q2",
+            "question": "Why odd?",
+            "positive": "No.",
+            "toxic": "",
+            "kept": False,
+            "dropped": "empty response",
+        },
         {"id": "a0", "kind": "anchor", "question": "Why sky?", "positive": "Light.", "kept": True},
+        {"id": "a1", "kind": "anchor", "question": "Why rain?", "positive": "I can't.", "kept": False},
     ]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     s = probe.read_set(str(tmp_path / "data.jsonl"))
-    assert (s.name, s.harmful, s.benign) == ("data", ["Why hurt?"], ["Why sky?"])
+    assert (s.name, s.harmful, s.benign) == ("data", ["Why hurt?", "Why odd?"], ["Why sky?", "Why rain?"])
+    kept = probe.read_set(str(tmp_path / "data.jsonl"), "kept")
+    assert (kept.harmful, kept.benign) == (["Why hurt?"], ["Why sky?"])
     h, b = write_prompts(tmp_path / "eval_harmful.jsonl", ["a"]), write_prompts(tmp_path / "eval_benign.jsonl", ["b"])
     assert (probe.read_set(f"{h},{b}").name, probe.read_set(f"x={h},{b}").name) == ("eval", "x")
     with pytest.raises(UserError, match="cannot be scored on"):
