@@ -47,6 +47,7 @@ import argparse
 import math
 import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -379,7 +380,7 @@ def roc_chart(best: dict, scored: list[PromptSet], title: str, path) -> None:
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="benign share above threshold", ylabel="harmful share caught")
         ax.set_title(f"{s.name} ({len(s.harmful)} harmful, {len(s.benign)} benign)", fontsize=10)
         ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("\n".join(textwrap.wrap(title, 60 * len(scored))), fontsize=10)
     save_figure(fig, path)
 
 
@@ -455,7 +456,11 @@ def run(args) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
     }
     write_json(Path(args.out) / "probe.json", report)
-    roc_chart(best, scored, f"probe of {args.model}, fit on {fit.name}", Path(args.out) / "probe_roc.png")
+    title = (
+        f"linear probe of {args.model}, fit on {fit.name} ({len(fit.harmful)} harmful, {len(fit.benign)} benign); "
+        "best layer of each kind by cross-validated AUC on the fit set"
+    )
+    roc_chart(best, scored, title, Path(args.out) / "probe_roc.png")
     return report
 
 
