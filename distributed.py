@@ -58,8 +58,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from common.files import temp_path, write_json
 from data.dataset import IGNORE
-from data.files import temp_path, write_json
 from lora import LoRALinear, base_parameter, init_adapter, lora_layers, merge
 from model import Transformer, checkpoint_state, hf_name, replace_dir, rope_inv_freq
 
@@ -103,7 +103,7 @@ def return_freed_memory() -> None:
     next ones from its heap, where buffers freed out of order (each layer's all-gather and
     reduce-scatter buffers, every step) stay resident. Fixed at its initial 128 KiB, the
     threshold keeps them out of the heap: on the default model, peak RSS per rank 2.1 GB
-    instead of 3.1 GB (README; tests/bench_distributed.py).
+    instead of 3.1 GB (README; scripts/bench_distributed.py).
     """
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
@@ -299,7 +299,7 @@ def save_checkpoint(model, optimizer, trainer_state: dict, out: Path) -> None:
     trainer_state.pt (step, RNG, settings) and renames it into place once every rank is done.
     A crash at any point leaves the previous checkpoint whole."""
     # One temporary directory for all ranks, named after rank 0's pid like every other temporary
-    # (data/files.py: temp_path), so start-up cleanup finds it if the run is killed mid-save.
+    # (common/files.py: temp_path), so start-up cleanup finds it if the run is killed mid-save.
     tmp = from_main(lambda: temp_path(out / "ckpt"))
     dcp.save(training_state(model, optimizer), checkpoint_id=tmp)
     if is_main():

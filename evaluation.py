@@ -21,31 +21,32 @@ way before and after training (greedy replies, fixed length):
 from __future__ import annotations
 
 import math
-import re
 import time
 from functools import partial
+from itertools import repeat
 from pathlib import Path
 
 import distributed
+from common.charts import pyplot, save_figure
+from common.cli import POSITIVE
+from common.files import read_json, sha256, write_json
+from common.progress import log
 from data import DATA_DIR
-from data.cli import POSITIVE
-from data.dataset import locate, merge_spans, spans_to_token_mask, word_spans
-from data.files import pyplot, read_json, read_jsonl, save_figure, write_json
-from data.prompts import REFUSAL_PHRASES, REFUSAL_PREFIXES, PipelineError, is_refusal, load_seeds
+from data.dataset import load_records, merge_spans, spans_to_token_mask
+from data.default_model import model_label
+from data.prompt_sets import SPLITS, load_prompts, load_span_gold, select_split, spread
+from data.prompts import PipelineError, load_seeds
+from data.public import public_sets
 from generate import GenSettings, chat, load, response_logprobs
-from ptalign import SpanRule, contrast_scores, eprint, judge_harm, margin_spans, quote_spans, rank_spans
+from ptalign import SpanRule, contrast_scores, judge_harm, margin_spans, quote_spans, rank_spans
+from rules import is_refusal, locate, word_spans
 
 __all__ = [
     "MAIN_METRICS",
-    "REFUSAL_PHRASES",
-    "REFUSAL_PREFIXES",
     "PipelineError",
     "bar_chart",
     "compare",
     "evaluate",
-    "is_refusal",
-    "load_prompts",
-    "load_span_gold",
     "report_table",
     "run_eval",
     "run_spans",
@@ -53,22 +54,18 @@ __all__ = [
 ]
 
 
-def load_prompts(path, required=("id", "category", "prompt")) -> list[dict]:
-    """A held-out prompt set (JSONL), each line checked for the keys evaluation needs."""
-    out = []
-    for n, r in read_jsonl(path, PipelineError, "prompt"):
-        require_strings(path, n, r, required)
-        out.append(r)
-    if not out:
-        raise PipelineError(f"{path}: prompt file is empty.")
-    return out
+def public_prompts() -> dict[str, list[dict]]:
+    """The public prompt sets (data/public/) by role: {"harmful": [...], "benign": [...]}, the
+    benign ones built to trigger over-refusal; the file name's prefix says the role."""
+    sets = {}
+    for name, path in public_sets().items():
+        sets.setdefault(name.split("_", 1)[0], []).extend(load_prompts(path))
+    return sets
 
 
-def require_strings(path, n: int, record: dict, keys) -> None:
-    """An error naming the file and line unless each key holds a non-empty string."""
-    for key in keys:
-        if not isinstance(record.get(key), str) or not record[key]:
-            raise PipelineError(f"{path}:{n}: key {key!r} is missing or not a non-empty string.")
+def public_fingerprint() -> dict[str, str]:
+    """The public files an evaluation used, by content: a report is reused only for the same ones."""
+    return {name: sha256(path) for name, path in public_sets().items()}
 
 
 def response_logprob(model, tok, pairs, batch_size: int = 8):
@@ -81,22 +78,20 @@ def mean(xs):
 
 
 def evaluate(
-    model, tok, harmful, benign, dataset=None, max_new_tokens: int = 64, batch_size: int = 16, log=print
+    model, tok, harmful, benign, dataset=None, max_new_tokens: int = 64, batch_size: int = 16, log=print, public=None
 ) -> dict:
     """The scoreboard: refusal rates, judge harm score, helpfulness, and (with a dataset) margins.
 
     Greedy decoding, fixed max_new_tokens, the same settings every time, so two checkpoints
-    are compared on the same footing.
+    are compared on the same footing. `public` ({"harmful": [...], "benign": [...]}, prompts
+    written by other people, data/public/) adds their refusal rates: the check that a gain on
+    the project's own prompts is not a gain on its own writing style alone.
     """
     t0 = time.perf_counter()
-    gen = GenSettings(max_new_tokens, 0.0, 1.0, batch_size)
     # Under torchrun each rank takes whole batches of each list, and every rank gets all results.
     split = partial(distributed.map_batches, batch_size=batch_size)
-    log(f"  eval: {len(harmful)} harmful and {len(benign)} benign prompts, greedy, {max_new_tokens} new tokens")
-    replies = {}
-    for name, prompts in (("harmful", harmful), ("benign", benign)):
-        replies[name] = split(lambda ps: chat(model, tok, ps, gen, 0, greedy=True), [r["prompt"] for r in prompts])
-        log(f"  eval: {name} replies done ({time.perf_counter() - t0:.0f} s)")
+    sets = {"harmful": harmful, "benign": benign} | {f"public_{k}": v for k, v in (public or {}).items()}
+    replies = greedy_replies(model, tok, sets, GenSettings(max_new_tokens, 0.0, 1.0, batch_size), split, log)
     refused = {name: [is_refusal(x) for x in xs] for name, xs in replies.items()}
     exemplars = load_seeds().exemplars
     judge_fn = lambda qs, rs: judge_harm(model, tok, qs, rs, exemplars, batch_size)
@@ -110,19 +105,40 @@ def evaluate(
         "n_references": len(refs),
         "settings": {"max_new_tokens": max_new_tokens, "decoding": "greedy", "batch_size": batch_size},
     }
+    public_names = [name for name in sets if name.startswith("public_")]
+    report |= {f"{name}_refusal_rate": mean(refused[name]) for name in public_names}
+    report |= {f"n_{name}": len(sets[name]) for name in public_names}
     if dataset:
         report |= margins(model, tok, dataset, batch_size)
-    report["samples"] = {
-        "harmful": [
-            {"id": r["id"], "reply": x, "refusal": f, "harm": round(j, 4)}
-            for r, x, f, j in zip(harmful, replies["harmful"], refused["harmful"], judge)
-        ],
-        "benign": [
-            {"id": r["id"], "reply": x, "refusal": f} for r, x, f in zip(benign, replies["benign"], refused["benign"])
-        ],
-    }
+    report["samples"] = samples(sets, replies, refused, judge)
     report["seconds"] = time.perf_counter() - t0
     return report
+
+
+def greedy_replies(model, tok, sets: dict[str, list[dict]], gen: GenSettings, split, log) -> dict[str, list[str]]:
+    """The model's greedy reply to every prompt of every named set."""
+    t0 = time.perf_counter()
+    counts = ", ".join(f"{len(v)} {k}" for k, v in sets.items())
+    log(f"  eval: {counts} prompts, greedy, {gen.max_new_tokens} new tokens")
+    replies = {}
+    for name, prompts in sets.items():
+        replies[name] = split(lambda ps: chat(model, tok, ps, gen, 0, greedy=True), [r["prompt"] for r in prompts])
+        log(f"  eval: {name} replies done ({time.perf_counter() - t0:.0f} s)")
+    return replies
+
+
+def samples(sets: dict, replies: dict, refused: dict, judge: list[float]) -> dict[str, list[dict]]:
+    """Every reply with its verdict, by set: what a report's rates were counted from."""
+    out = {}
+    for name, prompts in sets.items():
+        harm = judge if name == "harmful" else repeat(None)
+        out[name] = [
+            {"id": r["id"], "reply": x, "refusal": f}
+            | ({"harm": round(j, 4)} if j is not None else {})
+            | ({"sounds_dangerous": True} if r.get("sounds_dangerous") else {})
+            for r, x, f, j in zip(prompts, replies[name], refused[name], harm)
+        ]
+    return out
 
 
 def rates(benign, refused: dict, judge: list[float]) -> dict:
@@ -166,34 +182,116 @@ def masked_token_probs(tok, records, toxic_logprobs) -> list[float]:
 
 
 # -----------------------------------------------------------------------------
+# Uncertainty: how far a rate can be trusted, and whether two runs really differ
+#
+# One benign prompt of 174 is 0.6 points, so every rate comes with its 95% Wilson interval,
+# and two runs on the same prompts are compared by the prompts they disagree on (McNemar).
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of k successes in n trials (well-behaved near 0 and 1)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> float:
+    """Exact two-sided McNemar p-value for paired outcomes of two runs on the same prompts:
+    only the discordant prompts count, and under no difference each is a fair coin."""
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes of different lengths ({len(a)} and {len(b)})")
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    n, k = only_a + only_b, min(only_a, only_b)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def cohen_kappa(a: list, b: list) -> float:
+    """Cohen's kappa of two labellings of the same items: agreement beyond what chance gives."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"kappa needs two labellings of the same non-empty items ({len(a)} and {len(b)})")
+    n, labels = len(a), sorted(set(a) | set(b))
+    p_o = sum(x == y for x, y in zip(a, b)) / n
+    p_e = sum((a.count(c) / n) * (b.count(c) / n) for c in labels)
+    return 1.0 if p_e == 1 else (p_o - p_e) / (1 - p_e)
+
+
+def refusal_flags(report: dict, kind: str, subset=None) -> dict[str, bool]:
+    """{prompt id: refused} of one kind of prompt ("harmful" or "benign") in a saved report;
+    `subset` keeps only the ids it contains."""
+    flags = {s["id"]: bool(s["refusal"]) for s in report["samples"][kind]}
+    return {i: f for i, f in flags.items() if subset is None or i in subset}
+
+
+# -----------------------------------------------------------------------------
 # Reports: a table, a chart, two reports side by side
 
 MAIN_METRICS = (
     "harmful_refusal_rate",
     "benign_refusal_rate",
     "benign_sounds_dangerous_refusal_rate",
+    "public_harmful_refusal_rate",
+    "public_benign_refusal_rate",
     "harm_score",
     "benign_reference_logprob",
     "pair_logprob_margin",
     "masked_token_p",
 )
-CHART_METRICS = ("harmful_refusal_rate", "benign_refusal_rate", "benign_sounds_dangerous_refusal_rate", "harm_score")
+CHART_METRICS = (
+    "harmful_refusal_rate",
+    "benign_refusal_rate",
+    "benign_sounds_dangerous_refusal_rate",
+    "public_harmful_refusal_rate",
+    "public_benign_refusal_rate",
+    "harm_score",
+)
 
 
 def report_table(reports: dict[str, dict]) -> str:
-    """Markdown table of the main metrics, one column per report, and the change when there are two."""
+    """Markdown table of the main metrics, one column per report; with two reports, the change
+    and, for each refusal rate, the paired McNemar p-value over the prompts both answered."""
     names = list(reports)
-    head = "| metric | " + " | ".join(names) + (" | change |" if len(names) == 2 else " |")
-    lines = [head, "|" + " --- |" * (len(names) + 1 + (len(names) == 2))]
+    pair = len(names) == 2
+    head = "| metric | " + " | ".join(names) + (" | change | p (McNemar) |" if pair else " |")
+    lines = [head, "|" + " --- |" * (len(names) + 1 + 2 * pair)]
     for m in MAIN_METRICS:
         vals = [reports[n].get(m) for n in names]
         if all(v is None for v in vals):
             continue
         cells = ["—" if v is None else f"{v:.3f}" for v in vals]
-        if len(names) == 2:
+        if pair:
             cells.append("—" if None in vals else f"{vals[1] - vals[0]:+.3f}")
+            p = paired_p(*reports.values(), m)
+            cells.append("—" if p is None else f"{p:.3g}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+RATE_SAMPLES = {  # refusal rate -> (the samples it counts, only the dangerous-sounding ones?)
+    "harmful_refusal_rate": ("harmful", False),
+    "benign_refusal_rate": ("benign", False),
+    "benign_sounds_dangerous_refusal_rate": ("benign", True),
+    "public_harmful_refusal_rate": ("public_harmful", False),
+    "public_benign_refusal_rate": ("public_benign", False),
+}
+
+
+def paired_p(a: dict, b: dict, metric: str) -> float | None:
+    """McNemar p-value of a refusal rate between two reports, paired by prompt id; None when
+    the metric is not a refusal rate or the reports share no prompt of its kind."""
+    if metric not in RATE_SAMPLES or "samples" not in a or "samples" not in b:
+        return None
+    kind, dangerous = RATE_SAMPLES[metric]
+    keep = lambda r: {
+        s["id"]: s["refusal"] for s in r["samples"].get(kind, []) if s.get("sounds_dangerous") or not dangerous
+    }
+    fa, fb = keep(a), keep(b)
+    shared = [i for i in fa if i in fb]
+    return mcnemar([fa[i] for i in shared], [fb[i] for i in shared]) if shared else None
 
 
 def bar_chart(reports: dict[str, dict], path) -> None:
@@ -212,24 +310,19 @@ def bar_chart(reports: dict[str, dict], path) -> None:
 
 def run_eval(args) -> dict:
     """`ptalign.py eval`: evaluate a checkpoint, print the table, write the report (and chart)."""
-    harmful = load_prompts(args.harmful)[: args.limit]
-    benign = load_prompts(args.benign)[: args.limit]
-    dataset = [r for _, r in read_jsonl(args.dataset, PipelineError, "dataset")] if args.dataset else None
+    harmful = spread(load_prompts(args.harmful), args.limit)
+    benign = spread(load_prompts(args.benign), args.limit)
+    dataset = load_records(args.dataset) if args.dataset else None
     model, tok = load(args.model, args.device, args.dtype)
-    report = evaluate(model, tok, harmful, benign, dataset, args.max_new_tokens, args.batch_size, log=eprint)
-    report["model"] = model_name(args)
+    report = evaluate(model, tok, harmful, benign, dataset, args.max_new_tokens, args.batch_size, log=log)
+    report["model"] = model_label(args.model)
     print(report_table({report["model"]: report}))
-    eprint(f"[evaluation took {report['seconds']:.0f} s]")
+    log(f"[evaluation took {report['seconds']:.0f} s]")
     if args.out and distributed.is_main():
         write_json(args.out, report)
     if args.png and distributed.is_main():
         bar_chart({report["model"]: report}, args.png)
     return report
-
-
-def model_name(args) -> str:
-    """The checkpoint a report was made with, as written into it."""
-    return str(args.model or "default:SmolLM2-135M-Instruct")
 
 
 def compare(before, after, png=None) -> dict[str, dict]:
@@ -251,44 +344,9 @@ def compare(before, after, png=None) -> dict[str, dict]:
 # words are its content words inside a hand-marked phrase, its predicted words those inside
 # a predicted span; counts are summed over responses (micro-average).
 
-SPLITS = ("all", "dev", "test")
 GRID_TOPS = (0.2, 0.3, 0.4, 0.5)
 GRID_FLOORS = (0.0, 0.1, 0.25)
 GRID_MARGINS = (0.25, 0.5, 1.0)
-ID_NUMBER = re.compile(r"\d+$")  # span-007 -> 7: the split goes by it
-
-
-def load_span_gold(path) -> list[dict]:
-    """The hand-written span gold set (JSONL): toxic responses with the exact phrases that carry
-    the harm; a phrase that is not in its response is an error, never a silent miss."""
-    out = []
-    for n, r in read_jsonl(path, PipelineError, "span gold"):
-        require_strings(path, n, r, ("id", "category", "question", "toxic"))
-        if not ID_NUMBER.search(r["id"]):
-            raise PipelineError(
-                f"{path}:{n}: id {r['id']!r} does not end with a number (the dev/test split needs one)."
-            )
-        harmful = r.get("harmful")
-        if not isinstance(harmful, list) or not harmful or not all(isinstance(p, str) and p.strip() for p in harmful):
-            raise PipelineError(f"{path}:{n}: key 'harmful' must be a non-empty list of non-empty strings.")
-        for phrase in harmful:
-            if phrase not in r["toxic"]:
-                raise PipelineError(f"{path}:{n}: harmful phrase {phrase!r} is not in its 'toxic' text.")
-        out.append(r)
-    if not out:
-        raise PipelineError(f"{path}: span gold file is empty.")
-    return out
-
-
-def select_split(records, split: str) -> list[dict]:
-    """dev: the odd-numbered ids (span-001, 003, ...), where thresholds are chosen; test: the
-    even-numbered ones, where the chosen thresholds are reported; all: both."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}.")
-    if split == "all":
-        return list(records)
-    parity = 1 if split == "dev" else 0
-    return [r for r in records if int(ID_NUMBER.search(r["id"]).group()) % 2 == parity]
 
 
 def marked_words(text: str, spans) -> set[tuple[int, int]]:
@@ -401,12 +459,17 @@ def run_spans(args) -> dict:
     gold = select_split(load_span_gold(args.gold), args.split)
     if not gold:
         raise PipelineError(f"{args.gold}: no response in the {args.split} split.")
-    eprint(f"  spans: {len(gold)} gold responses ({args.split} split of {args.gold})")
+    log(f"  spans: {len(gold)} gold responses ({args.split} split of {args.gold})")
     model, tok = load(args.model, args.device, args.dtype)
-    quoted, scored = score_spans(model, tok, gold, args.batch_size, log=eprint)
+    quoted, scored = score_spans(model, tok, gold, args.batch_size, log=log)
     texts, phrases = [r["toxic"] for r in gold], [r["harmful"] for r in gold]
     methods = span_methods(texts, quoted, scored, SpanRule())
-    report = {"model": model_name(args), "gold": str(args.gold), "split": args.split, "ids": [r["id"] for r in gold]}
+    report = {
+        "model": model_label(args.model),
+        "gold": str(args.gold),
+        "split": args.split,
+        "ids": [r["id"] for r in gold],
+    }
     report["rule"] = {k: v for k, v in vars(SpanRule()).items() if k != "method"}
     report["methods"] = {name: span_scores(texts, spans, phrases) for name, spans in methods.items()}
     print(span_table(report["methods"]))
@@ -417,7 +480,7 @@ def run_spans(args) -> dict:
         print("\n" + span_table(report["grid"]))
     report["samples"] = span_samples(gold, methods, scored)
     report["seconds"] = time.perf_counter() - t0
-    eprint(f"[span evaluation took {report['seconds']:.0f} s]")
+    log(f"[span evaluation took {report['seconds']:.0f} s]")
     if args.out:
         write_json(args.out, report)
     return report
@@ -431,7 +494,12 @@ def add_commands(sub, model_flags) -> None:
     e.add_argument("--harmful", default=str(DATA_DIR / "eval_harmful.jsonl"), help="harmful prompts JSONL")
     e.add_argument("--benign", default=str(DATA_DIR / "eval_benign.jsonl"), help="benign prompts JSONL")
     e.add_argument("--dataset", help="a dual dataset JSONL: adds the likelihood margin and masked-token p")
-    e.add_argument("--limit", type=POSITIVE, default=None, help="use only the first N prompts of each set")
+    e.add_argument(
+        "--limit",
+        type=POSITIVE,
+        default=None,
+        help="use only N prompts of each set, evenly spaced (the sets are grouped by category)",
+    )
     e.add_argument(
         "--max-new-tokens", type=POSITIVE, default=64, help="reply length for the refusal rules (default 64)"
     )

@@ -9,7 +9,7 @@ prompts as such batches. Scoring (`token_logprobs`, `next_token_logprobs`) is th
 prefill without decoding. A prompt the model's context cannot hold is refused, naming
 both lengths. `chat` is the front end the pipeline uses: many conversations, each batch
 with a seed of its own, tokens and seconds tallied; with `yes_probability` and
-`response_logprobs` it saves each batch as it finishes while a run keeps a journal.
+`response_logprobs` it saves each batch in the journal it is given as the batch finishes.
 
     python generate.py --prompt "What is the capital of France?"
 """
@@ -19,17 +19,15 @@ from __future__ import annotations
 import re
 import sys
 import time
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from data.cli import FRACTION, NON_NEGATIVE, POSITIVE, Parser
-from data.errors import UserError, fail_point, one_line_errors
-from data.files import Journal, content_hash, stable_seed
+from common.cli import FRACTION, NON_NEGATIVE, POSITIVE, Parser
+from common.errors import UserError, fail_point, one_line_errors
+from common.files import Journal, content_hash, stable_seed
 from model import KVCache, Transformer
 
 
@@ -319,38 +317,26 @@ class Tally:
 
 @dataclass
 class GenSettings:
-    """How to generate, plus a running tally shared by every call made with these settings
-    (dataclasses.replace keeps the same tally)."""
+    """How to generate, plus what every call made with these settings shares (dataclasses.replace
+    keeps both): a running tally, and the journal of the run, if it keeps one (in_batches)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.7
     top_p: float = 0.9
     batch_size: int = 32
     tally: Tally = field(default_factory=Tally, repr=False, compare=False)
+    journal: Journal | None = field(default=None, repr=False, compare=False)
 
 
-# The journal of the run in progress, if it keeps one (`ptalign.py generate` does): every batch
-# that chat, yes_probability and response_logprobs compute is saved in it as it finishes, and
-# a batch an interrupted run saved is read back instead of computed again. A batch's samples
-# depend only on its own seed and prompts (its key), so a resumed run ends exactly as an
-# uninterrupted one, having lost at most the batch that was running.
-JOURNAL: ContextVar[Journal | None] = ContextVar("journal", default=None)
+def in_batches(items: list, batch_size: int, compute, key: tuple, journal: Journal | None) -> list:
+    """compute(batch, start) for each batch of items, the results (JSON lists) concatenated.
 
-
-@contextmanager
-def journaled(journal: Journal):
-    """Keep `journal` for the batches computed inside this block."""
-    token = JOURNAL.set(journal)
-    try:
-        yield journal
-    finally:
-        JOURNAL.reset(token)
-
-
-def in_batches(items: list, batch_size: int, compute, *key) -> list:
-    """compute(batch, start) for each batch of items, the results (JSON lists) concatenated; under a
-    journal each batch's result is saved as it finishes, or read back if an earlier run saved it."""
-    journal, out = JOURNAL.get(), []
+    With a journal (`ptalign.py generate` keeps one), each batch's result is saved in it as it
+    finishes, or read back if an interrupted run saved it. A batch's result depends only on its
+    own seed and items (its key), so a resumed run ends exactly as an uninterrupted one, having
+    lost at most the batch that was running.
+    """
+    out = []
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
         name = content_hash(*key, start, batch) if journal else None
@@ -409,14 +395,14 @@ def chat(
         return new
 
     settings = (temperature, gen.top_p, gen.max_new_tokens)
-    new = in_batches(ids, gen.batch_size, batch_replies, "chat", seed, settings)
+    new = in_batches(ids, gen.batch_size, batch_replies, ("chat", seed, settings), gen.journal)
     replies = [tok.decode(n).strip() for n in new]
     if whole_sentences:  # a reply as long as max_new_tokens had no stop token: it was cut off
         replies = [trim_to_sentence(r) if len(n) == gen.max_new_tokens else r for r, n in zip(replies, new)]
     return replies
 
 
-def yes_probability(model, tok, prompts: list[str], batch_size: int = 8) -> list[float]:
+def yes_probability(model, tok, prompts: list[str], batch_size: int = 8, journal=None) -> list[float]:
     """P("Yes") / (P("Yes") + P("No")) for the first token of the reply to each prompt.
 
     Reading the judge's answer from its next-token probabilities, instead of parsing text it
@@ -429,10 +415,10 @@ def yes_probability(model, tok, prompts: list[str], batch_size: int = 8) -> list
         logp = next_token_logprobs(model, batch, batch_size)
         return torch.sigmoid(logp[:, yes] - logp[:, no]).tolist()
 
-    return in_batches(seqs, batch_size, batch_probs, "yes", yes, no)
+    return in_batches(seqs, batch_size, batch_probs, ("yes", yes, no), journal)
 
 
-def response_logprobs(model, tok, conversations, responses: list[list[int]], batch_size: int = 8):
+def response_logprobs(model, tok, conversations, responses: list[list[int]], batch_size: int = 8, journal=None):
     """Per-token log p(response | conversation in the chat template), one tensor per pair.
 
     What scoring needs: the likelihood of a reference answer, or of a toxic response under
@@ -440,7 +426,7 @@ def response_logprobs(model, tok, conversations, responses: list[list[int]], bat
     """
     prompts = [tok.apply_chat_template(c) for c in conversations]
     score = lambda batch, start: [lp.tolist() for lp in token_logprobs(model, batch, batch_size)]
-    logp = in_batches([p + r for p, r in zip(prompts, responses)], batch_size, score, "logprobs")
+    logp = in_batches([p + r for p, r in zip(prompts, responses)], batch_size, score, ("logprobs",), journal)
     return [torch.tensor(lp, dtype=torch.float32)[len(p) - 1 :] for lp, p in zip(logp, prompts)]
 
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.errors import UserError, fail_point
-from data.files import created_mode, read_json, temp_path, write_json
+from common.errors import UserError, fail_point
+from common.files import created_mode, read_json, temp_path, write_json
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -611,7 +611,7 @@ def iter_checkpoint_tensors(path: Path):
 
 def replace_dir(src: Path, dst: Path) -> None:
     """Put directory src at dst; an existing dst is moved aside first and removed only after
-    (data.files.remove_stale_temps puts it back if a kill comes between the two renames)."""
+    (common.files.remove_stale_temps puts it back if a kill comes between the two renames)."""
     old = None
     if dst.exists():
         old = temp_path(dst, "old")

@@ -1,29 +1,31 @@
 """PT-ALIGN, the method: a model writes its own dual safety dataset from a few annotations.
 
-Read top to bottom, this file is the first half of the method (the second half, dual
-instruction tuning, is `train.py`; the measurement, `evaluation.py`):
+`pt_align`, the first function, runs the stages in the paper's order, each a function further
+down in the same order (dual instruction tuning, the second half, is train.py):
 
-1. seeds        fewer than 50 human annotations (data/seeds.json, loaded and checked by
-                data/prompts.py next to every prompt text the model is shown): harm categories
-                with example questions, principles of a harmless and helpful answer, the
-                mirrored traits of a harmful one, and a few (question, positive, toxic) exemplars;
-2. questions    red-team self-instruct: the model writes new harmful questions per category,
-                near-duplicates (ROUGE-L against all kept so far) and malformed ones dropped;
-3. responses    for each question a positive answer under the principles and a toxic one
-                under the traits, each with the exemplars in context as earlier turns;
-4. refinement   K rounds of critique then revision on both sides (positives towards more
-                harmless and more helpful, toxic ones towards more clearly harmful), then a
-                self-check that drops samples that did not get there;
-5. masks        the harmful words of each toxic response, found by the model quoting them and
-                by contrast (tokens far more likely under the harmful instruction than the
-                harmless one); stored as character spans of content words.
+1. seeds        fewer than 50 human annotations (data/seeds.json; the prompts, data/prompts.py):
+                harm categories with example questions, principles of a harmless and helpful
+                answer, the mirrored traits of a harmful one, a few (question, positive, toxic)
+                exemplars, harmless questions that sound dangerous;
+2. questions    red-team self-instruct: new harmful questions per category, near-duplicates
+                (ROUGE-L) and malformed ones dropped (or given: --questions-file);
+3. request gate the model judges whether each question should be refused at all; one it finds
+                harmless is dropped before a refusal is written for it;
+4. responses    a positive answer under the principles and a toxic one under the traits, the
+                exemplars in context as earlier turns;
+5. refinement   K rounds of critique then revision of both, a revision taken only when the
+                model's judge moves the right way (positives less harmful, toxic ones more);
+6. self-check   a record is kept when its positive is judged harmless and its toxic response
+                more harmful (the judge's threshold read off the exemplars);
+7. spans        the harmful words of each toxic response, by contrast: the words the harmful
+                instruction makes likeliest relative to the harmless one (--span-method adds
+                the model quoting them); stored as character spans;
+8. anchor       harmless questions, self-instructed from the benign examples and answered by the
+                model, as MLE-only records, so that training does not teach over-refusal.
 
-The dataset file those records go to (resumed, appended chunk by chunk, summarised, shown)
-is data/records.py's business; here is only what the model is asked and what is kept.
-
-The paper's abstract fixes the shape of the method; the prompts, thresholds and the two
-span-finding methods here are this project's choices (following Self-Align/Dromedary and
-unlikelihood training), each a named constant or a flag.
+The gate and the anchor are this project's additions; the prompts, thresholds and span rules
+its choices (after Self-Align/Dromedary and unlikelihood training), each a constant or a flag.
+The dataset file (resumed, journaled, appended chunk by chunk) is records.py's business.
 
     python ptalign.py generate --out runs/data.jsonl --questions 32 --rounds 2
     python ptalign.py show runs/data.jsonl
@@ -35,17 +37,15 @@ from __future__ import annotations
 import math
 import operator
 import re
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
-from functools import partial
+from dataclasses import dataclass, replace
 
 import distributed
-from data.cli import POSITIVE, Parser, add_flags
-from data.dataset import locate, merge_spans, word_spans
-from data.errors import one_line_errors
-from data.files import check_output_file, words
+from common.files import Journal
+from common.progress import log
+from data.dataset import merge_spans
+from data.prompt_sets import given_questions
 from data.prompts import (
     CRITIQUE_POSITIVE,
     CRITIQUE_POSITIVE_START,
@@ -60,57 +60,87 @@ from data.prompts import (
     Seeds,
     benign_question_prompt,
     bullets,
+    few_shot,
+    load_seeds,
+    question_prompt,
+    system_prompts,
+)
+from generate import GenSettings, chat, load, response_logprobs, yes_probability
+from generate_config import GenerateConfig, settings_of
+from records import DatasetFile, open_dataset, report_summary, summarize, with_times, write_chunks
+from rules import (
     clean_question,
     clean_revision,
     is_refusal,
-    load_seeds,
-    question_prompt,
+    locate,
     rouge_l,
-    system_prompts,
     talks_about_task,
     unusable,
+    word_spans,
+    words,
 )
-from data.records import (
-    DatasetFile,
-    GenerateConfig,
-    Meter,
-    report_summary,
-    saved_work,
-    settings_of,
-    show,
-    summarize,
-)
-from generate import GenSettings, chat, journaled, load, response_logprobs, yes_probability
 
 
-def eprint(text: str) -> None:
-    """Progress and summaries go to stderr, so stdout carries only what a command prints as its result."""
-    print(text, file=sys.stderr)
+def pt_align(model, tok, seeds: Seeds, cfg: GenerateConfig, dataset: DatasetFile, journal: Journal | None) -> dict:
+    """The method's records for every chunk of questions not yet in `dataset`, appended to it;
+    returns the file's summary. journal: where each batch of model work is saved (None: nowhere).
+
+    Under torchrun what all ranks must agree on (the threshold, the questions) is drawn by rank 0
+    and handed to all (distributed.from_main); the chunks are dealt out (records.write_chunks).
+    """
+    gen = GenSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size, journal=journal)
+    t_start = time.perf_counter()
+    # 1. the seeds (loaded and checked by run_generate); their exemplars calibrate the self-check
+    threshold = cfg.judge_threshold
+    if cfg.judge_calibration:
+        threshold = distributed.from_main(lambda: calibrate_judge(model, tok, seeds, gen.batch_size, journal))
+        log(f"  self-check threshold, calibrated on the {len(seeds.exemplars)} exemplars: {threshold}")
+    # 2. the red-team questions, and the anchor's harmless ones (answered in 8)
+    questions, qstats = distributed.from_main(lambda: red_team_questions(model, tok, seeds, cfg, gen))
+    anchors, astats = distributed.from_main(lambda: anchor_questions(model, tok, seeds, cfg, gen))
+
+    def dual_records(start: int, chunk: list[dict], progress) -> list[dict]:
+        """Stages 3 to 7 on one chunk of questions; its place in the list, start, seeds its sampling."""
+        seed, records = (cfg.seed, start), [dict(q) for q in chunk]
+        rule = SpanRule(cfg.span_method, cfg.contrast_rule, cfg.contrast_margin, cfg.contrast_top, cfg.contrast_floor)
+        if cfg.request_threshold > 0:  # 3. the request gate
+            gate_questions(model, tok, seeds, records, cfg.request_threshold, gen.batch_size, journal)
+        harmful = [r for r in records if r.get("kept", True)]
+        if harmful:
+            dual_responses(model, tok, seeds, harmful, gen, seed, cfg.positive_start)  # 4. dual responses
+            progress("responses", "responses")
+            round_done = lambda k: progress("round", f"round {k + 1}/{cfg.rounds}")
+            refine(model, tok, seeds, harmful, cfg.rounds, gen, seed, log=round_done)  # 5. refinement
+            self_check(harmful, threshold, cfg.judge_margin)  # 6. the self-check
+            find_spans(model, tok, seeds, harmful, rule, gen, seed)  # 7. harmful spans
+        return records
+
+    # 8. the helpfulness anchor: the model's own answers to the harmless questions
+    anchor_records = lambda start, chunk: helpful_answers(model, tok, [dict(a) for a in chunk], gen, (cfg.seed, start))
+    write_chunks(dataset, questions, dual_records, anchors, anchor_records, cfg.batch_size, cfg.rounds, gen.tally)
+    summary = distributed.from_main(lambda: summarize(dataset.records(questions + anchors), qstats, astats))
+    return with_times(summary, time.perf_counter() - t_start, gen.tally)
 
 
 # -----------------------------------------------------------------------------
-# The judge: the model scoring its own samples
+# The judge: the model scoring its own samples (refinement, the self-check)
 
 
-def judge_harm(model, tok, questions, responses, exemplars=(), batch_size: int = 8) -> list[float]:
+def judge_harm(model, tok, questions, responses, exemplars=(), batch_size: int = 8, journal=None) -> list[float]:
     """Model-as-judge harm score in [0, 1] for each (question, response), from JUDGE_PROMPT.
 
     The seed exemplars go first as solved cases (positive -> "No", toxic -> "Yes"): a small
     model judges far more consistently with worked examples than from the rubric alone, and
     the shared few-shot prefix is computed once per batch.
     """
-    shots = []
-    for e in exemplars:
-        for side, answer in (("positive", "No"), ("toxic", "Yes")):
-            shots += [
-                {"role": "user", "content": JUDGE_PROMPT.format(question=e["question"], response=e[side])},
-                {"role": "assistant", "content": answer},
-            ]
-    asks = [JUDGE_PROMPT.format(question=q, response=r) for q, r in zip(questions, responses)]
-    return yes_probability(model, tok, [shots + [{"role": "user", "content": a}] for a in asks], batch_size)
+    ask = lambda q, r: JUDGE_PROMPT.format(question=q, response=r)
+    verdicts = (("positive", "No"), ("toxic", "Yes"))
+    solved = [(ask(e["question"], e[side]), verdict) for e in exemplars for side, verdict in verdicts]
+    convs = [few_shot(None, solved, ask(q, r)) for q, r in zip(questions, responses)]
+    return yes_probability(model, tok, convs, batch_size, journal)
 
 
-def calibrate_judge(model, tok, seeds: Seeds, batch_size: int = 8) -> float:
+def calibrate_judge(model, tok, seeds: Seeds, batch_size: int = 8, journal=None) -> float:
     """The self-check's harm threshold, read off the labelled exemplars instead of fixed at 0.5.
 
     Each exemplar's positive and toxic response is judged with the other exemplars as solved
@@ -121,7 +151,7 @@ def calibrate_judge(model, tok, seeds: Seeds, batch_size: int = 8) -> float:
     pos, tox = [], []
     for i, e in enumerate(seeds.exemplars):
         others = seeds.exemplars[:i] + seeds.exemplars[i + 1 :]
-        p, t = judge_harm(model, tok, [e["question"]] * 2, [e["positive"], e["toxic"]], others, batch_size)
+        p, t = judge_harm(model, tok, [e["question"]] * 2, [e["positive"], e["toxic"]], others, batch_size, journal)
         pos.append(p)
         tox.append(t)
     return round((sum(pos) / len(pos) + sum(tox) / len(tox)) / 2, 4)
@@ -129,6 +159,13 @@ def calibrate_judge(model, tok, seeds: Seeds, batch_size: int = 8) -> float:
 
 # -----------------------------------------------------------------------------
 # 2. Red-team self-instruct
+
+
+def red_team_questions(model, tok, seeds: Seeds, cfg: GenerateConfig, gen: GenSettings) -> tuple[list[dict], dict]:
+    """The run's harmful questions and their stats: self-instructed, or the given prompt file's."""
+    if cfg.questions_file:
+        return given_questions(cfg.questions_file, cfg.questions, "q")
+    return generate_questions(model, tok, seeds, cfg.questions, gen, cfg.seed, cfg.dedup_threshold, log=log)
 
 
 def screen(replies: list[str], pool: list[str], dedup_threshold: float, stats: dict) -> list[str | None]:
@@ -150,12 +187,11 @@ def screen(replies: list[str], pool: list[str], dedup_threshold: float, stats: d
 def generate_questions(
     model, tok, seeds: Seeds, n: int, gen: GenSettings, seed: int, dedup_threshold=0.7, max_tries=8, log=print
 ) -> tuple[list[dict], dict]:
-    """n new harmful questions, spread evenly over the seed categories.
+    """n new harmful questions, spread evenly over the seed categories; returns (records, stats).
 
-    Each try asks every category that still needs questions for a few candidates; a
-    candidate is kept when it is well formed and its ROUGE-L against every question kept
-    so far (seed examples included) is at most dedup_threshold, as Self-Instruct does.
-    Returns (records, stats).
+    Each try asks every category that still needs questions for a few candidates; a candidate is
+    kept when it is well formed and its ROUGE-L against every question kept so far (seed examples
+    included) is at most dedup_threshold, as Self-Instruct does.
     """
     C = len(seeds.categories)
     per_cat = {c["name"]: n // C + (i < n % C) for i, c in enumerate(seeds.categories)}
@@ -178,24 +214,9 @@ def generate_questions(
         log(f"  questions: try {attempt + 1}, kept {sum(map(len, kept.values()))}/{n}")
     records = interleave(seeds, kept, per_cat, n)
     if not records:
-        raise PipelineError(
-            f"the model produced no usable question in {max_tries} tries "
-            f"({stats['candidates']} candidates, {stats['malformed']} malformed)."
-        )
+        tried = f"{stats['candidates']} candidates, {stats['malformed']} malformed"
+        raise PipelineError(f"the model produced no usable question in {max_tries} tries ({tried}).")
     return records, stats
-
-
-def given_questions(path, n: int, prefix: str) -> tuple[list[dict], dict]:
-    """The first n prompts of a prompt file (one JSON object with a 'prompt' per line, as the
-    held-out sets) as question records, in place of self-instruct; returns (records, stats)."""
-    from evaluation import load_prompts  # it imports this module: imported when needed
-
-    prompts = load_prompts(path, required=("prompt",))[:n]
-    category = lambda r: r["category"] if isinstance(r.get("category"), str) else "given"
-    records = [
-        {"id": f"{prefix}{i:04d}", "category": category(r), "question": r["prompt"]} for i, r in enumerate(prompts)
-    ]
-    return records, {"candidates": len(records), "malformed": 0, "duplicate": 0}
 
 
 def interleave(seeds: Seeds, kept: dict, per_cat: dict, n: int) -> list[dict]:
@@ -209,16 +230,13 @@ def interleave(seeds: Seeds, kept: dict, per_cat: dict, n: int) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# 2b. Which questions are harmful at all (this project's addition)
+# 3. The request gate: which questions are harmful at all (this project's addition)
 #
-# A 135M model asked for "questions a person with bad intentions might ask" writes many that
-# are harmless ("Can you delete my favorite songs from my phone?"). Its positive would be a
-# refusal, and training on it would teach the model to refuse a harmless request: the
-# over-refusal the method exists to avoid. So each question is judged first, and one the judge
-# finds harmless is dropped before any response is written.
+# A small model asked for harmful questions writes many harmless ones ("Can you delete my favorite
+# songs from my phone?"); a refusal written for one would teach the over-refusal to avoid.
 
 
-def request_harm(model, tok, seeds: Seeds, questions: list[str], batch_size: int = 8) -> list[float]:
+def request_harm(model, tok, seeds: Seeds, questions: list[str], batch_size: int = 8, journal=None) -> list[float]:
     """P(the assistant should refuse) for each question, from REQUEST_JUDGE_PROMPT.
 
     Solved cases first: the seed categories' example questions ("Yes") alternating with the
@@ -227,22 +245,17 @@ def request_harm(model, tok, seeds: Seeds, questions: list[str], batch_size: int
     harmful = [(q, "Yes") for c in seeds.categories for q in c["examples"]]
     benign = [(q, "No") for q in seeds.benign_examples]
     cases = [x for pair in zip(harmful[::2], benign) for x in pair] + harmful[1::2] + benign[len(harmful[::2]) :]
-    shots = []
-    for q, answer in cases:
-        shots += [
-            {"role": "user", "content": REQUEST_JUDGE_PROMPT.format(question=q)},
-            {"role": "assistant", "content": answer},
-        ]
-    asks = [shots + [{"role": "user", "content": REQUEST_JUDGE_PROMPT.format(question=q)}] for q in questions]
-    return yes_probability(model, tok, asks, batch_size)
+    solved = [(REQUEST_JUDGE_PROMPT.format(question=q), verdict) for q, verdict in cases]
+    convs = [few_shot(None, solved, REQUEST_JUDGE_PROMPT.format(question=q)) for q in questions]
+    return yes_probability(model, tok, convs, batch_size, journal)
 
 
 GATE_DROPPED = "question judged harmless"  # the reason a record dropped by the request gate gives
 
 
-def gate_questions(model, tok, seeds: Seeds, records, threshold: float, batch_size: int) -> list[dict]:
+def gate_questions(model, tok, seeds: Seeds, records, threshold: float, batch_size: int, journal=None) -> list[dict]:
     """Score each question record; one judged harmless is marked dropped (no refusal is written for it)."""
-    for r, h in zip(records, request_harm(model, tok, seeds, [r["question"] for r in records], batch_size)):
+    for r, h in zip(records, request_harm(model, tok, seeds, [r["question"] for r in records], batch_size, journal)):
         r["request_harm"] = round(h, 4)
         if h < threshold:
             r["kept"], r["dropped"] = False, GATE_DROPPED
@@ -250,68 +263,7 @@ def gate_questions(model, tok, seeds: Seeds, records, threshold: float, batch_si
 
 
 # -----------------------------------------------------------------------------
-# 2c. The helpfulness anchor (this project's addition)
-#
-# MLE on refusals alone moves the model towards refusing, harmless requests included. The
-# anchor adds the model's own answers to harmless questions, several of which only sound
-# dangerous, as MLE targets: what it already does well is trained to stay. Its questions are
-# self-instructed from the benign seed examples, the same way as the red-team questions.
-
-
-def generate_benign_questions(
-    model, tok, seeds: Seeds, n: int, gen: GenSettings, seed: int, dedup_threshold=0.7, max_tries=8
-) -> tuple[list[dict], dict]:
-    """n harmless questions continuing the benign seed examples, deduplicated like the red-team ones."""
-    examples = seeds.benign_examples
-    if not examples:
-        raise PipelineError("the helpfulness anchor needs 'benign_examples' in the seed file (or --anchors 0).")
-    pool = list(examples) + [q for c in seeds.categories for q in c["examples"]]
-    kept, stats = [], {"candidates": 0, "malformed": 0, "duplicate": 0}
-    for attempt in range(max_tries):
-        if len(kept) >= n:
-            break
-        # each candidate sees the examples in another order, for variety
-        k = min(2 * (n - len(kept)), gen.batch_size)
-        asks = [benign_question_prompt(examples[i % len(examples) :] + examples[: i % len(examples)]) for i in range(k)]
-        sampling = replace(gen, max_new_tokens=40, temperature=1.0, top_p=0.95)
-        replies = chat(
-            model, tok, [a for a, _ in asks], sampling, (seed, "anchor", attempt), reply_starts=[b for _, b in asks]
-        )
-        new = [q for q in screen(replies, pool, dedup_threshold, stats) if q is not None][: n - len(kept)]
-        kept += new
-        pool += new
-    return [{"id": f"a{i:04d}", "category": "anchor", "question": q} for i, q in enumerate(kept)], stats
-
-
-def helpful_answers(model, tok, records, gen: GenSettings, seed) -> list[dict]:
-    """Each question answered as the model answers it by default (no system prompt): an MLE-only
-    record. An answer that refuses, talks about the task or is empty is dropped.
-
-    Sampled at temperature 1 with no nucleus cut: MLE on unbiased samples of the model's own
-    answers pulls towards its own distribution (in expectation it is a KL(p_before || p) term),
-    whereas greedy answers would sharpen it, which lowered the likelihood of good benign
-    answers on the dev split (-0.80 nats/token against -0.14; README).
-    """
-    unbiased = replace(gen, temperature=1.0, top_p=1.0)
-    answers = chat(model, tok, [r["question"] for r in records], unbiased, (seed, "answer"), whole_sentences=True)
-    for r, a in zip(records, answers):
-        r.update(kind="anchor", positive=a, toxic="", spans=[], kept=True)
-        reason = unusable(a) or ("answer refuses" if is_refusal(a) else None)
-        if reason:
-            r["kept"], r["dropped"] = False, reason
-    return records
-
-
-# -----------------------------------------------------------------------------
-# 3. Dual responses
-
-
-def few_shot(system: str, exemplars, side: str, question: str) -> list[dict]:
-    """A conversation: instructions, the exemplars as earlier turns, then the new question."""
-    conv = [{"role": "system", "content": system}]
-    for e in exemplars:
-        conv += [{"role": "user", "content": e["question"]}, {"role": "assistant", "content": e[side]}]
-    return conv + [{"role": "user", "content": question}]
+# 4. Dual responses
 
 
 def dual_responses(
@@ -319,7 +271,8 @@ def dual_responses(
 ) -> list[dict]:
     """Add a positive and a toxic response to each record, each under its own instructions."""
     systems = system_prompts(seeds)
-    convs = lambda side: [few_shot(systems[side], seeds.exemplars, side, r["question"]) for r in records]
+    solved = lambda side: [(e["question"], e[side]) for e in seeds.exemplars]  # the exemplars as earlier turns
+    convs = lambda side: [few_shot(systems[side], solved(side), r["question"]) for r in records]
     starts = [positive_start] * len(records) if positive_start else None
     pos = chat(model, tok, convs("positive"), gen, (seed, "positive"), reply_starts=starts, whole_sentences=True)
     if positive_start:
@@ -331,7 +284,7 @@ def dual_responses(
 
 
 # -----------------------------------------------------------------------------
-# 4. Iterative refinement and the self-check
+# 5. Iterative refinement
 
 
 def keeps_refusal(current: str, revision: str) -> bool:
@@ -359,11 +312,8 @@ class Side:
     def takes(self, current: dict, revision: str, harm: float) -> bool:
         """Whether a revision replaces the current text: it answers (three words or more, not
         about the task), the judge moved the right way, and the side's own rule holds."""
-        return (
-            unusable(revision) is None
-            and self.better(harm, current[f"{self.name}_harm"])
-            and self.allowed(current[self.name], revision)
-        )
+        moved = self.better(harm, current[f"{self.name}_harm"])
+        return unusable(revision) is None and moved and self.allowed(current[self.name], revision)
 
 
 SIDES = (
@@ -401,7 +351,7 @@ def refine(model, tok, seeds: Seeds, records, rounds: int, gen: GenSettings, see
     """
     fill = {"principles": bullets(seeds.principles), "traits": bullets(seeds.toxic_traits)}
     qs = [r["question"] for r in records]
-    judge = lambda texts: judge_harm(model, tok, qs, texts, seeds.exemplars, gen.batch_size)
+    judge = lambda texts: judge_harm(model, tok, qs, texts, seeds.exemplars, gen.batch_size, gen.journal)
     for side in SIDES:  # the judge's verdict on the dual responses: where refinement starts
         for r, h in zip(records, judge([r["rounds"][-1][side.name] for r in records])):
             r["rounds"][-1][f"{side.name}_harm"] = round(h, 4)
@@ -434,6 +384,10 @@ def next_round(current: dict, drafts) -> dict:
     return entry
 
 
+# -----------------------------------------------------------------------------
+# 6. The self-check
+
+
 def self_check(records, threshold: float = 0.5, margin: float = 0.0) -> list[dict]:
     """Keep a record only if its two sides ended up apart: a harmless positive, a harmful toxic one.
 
@@ -464,20 +418,15 @@ def self_check(records, threshold: float = 0.5, margin: float = 0.0) -> list[dic
 
 
 # -----------------------------------------------------------------------------
-# 5. Fine-grained masks: which words of a toxic response carry the harm
+# 7. Harmful spans: which words of a toxic response carry the harm
 
 
 def quote_spans(model, tok, records, gen: GenSettings, seed, max_quote_words: int = 8) -> list[list[list[int]]]:
     """Spans from the model quoting the harmful phrases; each quote located in the text."""
     # A few short phrases, one per line: 48 tokens hold more than the quotes worth keeping.
-    replies = chat(
-        model,
-        tok,
-        [QUOTE_PROMPT.format(question=r["question"], response=r["toxic"]) for r in records],
-        replace(gen, max_new_tokens=min(48, gen.max_new_tokens)),
-        (seed, "quote"),
-        greedy=True,
-    )
+    asks = [QUOTE_PROMPT.format(question=r["question"], response=r["toxic"]) for r in records]
+    short = replace(gen, max_new_tokens=min(48, gen.max_new_tokens))
+    replies = chat(model, tok, asks, short, (seed, "quote"), greedy=True)
     out = []
     for r, reply in zip(records, replies):
         spans = []
@@ -491,7 +440,7 @@ def quote_spans(model, tok, records, gen: GenSettings, seed, max_quote_words: in
     return out
 
 
-def contrast_scores(model, tok, seeds: Seeds, records, batch_size: int = 8) -> list[list[tuple[list[int], float]]]:
+def contrast_scores(model, tok, seeds: Seeds, records, batch_size: int = 8, journal=None) -> list[list[tuple]]:
     """(span, score) for each content word of each toxic response: how many nats likelier the
     word's most affected token is under the harmful instruction than under the harmless one.
 
@@ -500,26 +449,13 @@ def contrast_scores(model, tok, seeds: Seeds, records, batch_size: int = 8) -> l
     """
     systems = system_prompts(seeds)
     offsets = [tok.encode_with_offsets(r["toxic"]) for r in records]
-    # All harmful-instruction sequences first, then all harmless ones: each batch then shares
-    # its system prompt, which is prefilled once.
-    convs = [
-        [{"role": "system", "content": systems[side]}, {"role": "user", "content": r["question"]}]
-        for side in ("toxic", "positive")
-        for r in records
-    ]
-    logp = response_logprobs(model, tok, convs, [ids for ids, _ in offsets] * 2, batch_size)
+    # All harmful-instruction sequences first: a batch then shares its system prompt, prefilled once.
+    convs = [few_shot(systems[side], (), r["question"]) for side in ("toxic", "positive") for r in records]
+    logp = response_logprobs(model, tok, convs, [ids for ids, _ in offsets] * 2, batch_size, journal)
     n = len(records)
-    out = []
-    for i, r in enumerate(records):
-        diff = (logp[i] - logp[n + i]).tolist()
-        tokens = list(zip(offsets[i][1], diff))
-        out.append(
-            [
-                (w, max((d for (s, e), d in tokens if w[0] < e and s < w[1]), default=-math.inf))
-                for w in word_spans(r["toxic"])
-            ]
-        )
-    return out
+    tokens = [list(zip(offsets[i][1], (logp[i] - logp[n + i]).tolist())) for i in range(n)]  # (span, contrast)
+    most = lambda w, ts: max((d for (s, e), d in ts if w[0] < e and s < w[1]), default=-math.inf)  # its top token's
+    return [[(w, most(w, ts)) for w in word_spans(r["toxic"])] for r, ts in zip(records, tokens)]
 
 
 def margin_spans(scored, margin: float) -> list[list[int]]:
@@ -563,7 +499,8 @@ def find_spans(model, tok, seeds, records, rule: SpanRule, gen: GenSettings, see
     quoted = quote_spans(model, tok, records, gen, seed) if rule.method in ("quote", "both") else none
     contrast = none
     if rule.method in ("contrast", "both"):
-        contrast = [rule.contrast(sc) for sc in contrast_scores(model, tok, seeds, records, gen.batch_size)]
+        scored = contrast_scores(model, tok, seeds, records, gen.batch_size, gen.journal)
+        contrast = [rule.contrast(sc) for sc in scored]
     for r, q, c in zip(records, quoted, contrast):
         r["spans_quote"], r["spans_contrast"] = q, c
         r["spans"] = merge_spans(q + c)
@@ -573,55 +510,78 @@ def find_spans(model, tok, seeds, records, rule: SpanRule, gen: GenSettings, see
 
 
 # -----------------------------------------------------------------------------
-# The generate stage: all of the above, in fixed chunks of questions, appended to a JSONL file
+# 8. The helpfulness anchor (this project's addition)
+#
+# MLE on refusals alone moves the model towards refusing, harmless requests included; the
+# model's own answers to harmless questions (several only sounding dangerous) as MLE targets
+# keep what it already does well.
 
 
-def method_on_chunk(model, tok, seeds: Seeds, cfg: GenerateConfig, gen: GenSettings, questions, start, progress):
-    """The method on one chunk of questions: the request gate, dual responses, refinement,
-    self-check, spans.
+def anchor_questions(model, tok, seeds: Seeds, cfg: GenerateConfig, gen: GenSettings) -> tuple[list[dict], dict]:
+    """The run's harmless questions and their stats: self-instructed, or the given prompt file's."""
+    if not cfg.anchors:
+        return [], {}
+    if cfg.anchors_file:
+        return given_questions(cfg.anchors_file, cfg.anchors, "a")
+    return generate_benign_questions(model, tok, seeds, cfg.anchors, gen, cfg.seed, cfg.dedup_threshold)
 
-    start: the chunk's position in the question list; with cfg.seed it seeds every sampling
-    call of the chunk. progress(stage, label) is called as the responses and each round end.
+
+def generate_benign_questions(
+    model, tok, seeds: Seeds, n: int, gen: GenSettings, seed: int, dedup_threshold=0.7, max_tries=8
+) -> tuple[list[dict], dict]:
+    """n harmless questions continuing the benign seed examples, deduplicated like the red-team ones."""
+    examples = seeds.benign_examples
+    if not examples:
+        raise PipelineError("the helpfulness anchor needs 'benign_examples' in the seed file (or --anchors 0).")
+    pool = list(examples) + [q for c in seeds.categories for q in c["examples"]]
+    kept, stats = [], {"candidates": 0, "malformed": 0, "duplicate": 0}
+    for attempt in range(max_tries):
+        if len(kept) >= n:
+            break
+        # each candidate sees the examples in another order, for variety
+        k = min(2 * (n - len(kept)), gen.batch_size)
+        rotated = [examples[i % len(examples) :] + examples[: i % len(examples)] for i in range(k)]
+        prompts, starts = zip(*map(benign_question_prompt, rotated))
+        sampling = replace(gen, max_new_tokens=40, temperature=1.0, top_p=0.95)
+        replies = chat(model, tok, list(prompts), sampling, (seed, "anchor", attempt), reply_starts=list(starts))
+        new = [q for q in screen(replies, pool, dedup_threshold, stats) if q is not None][: n - len(kept)]
+        kept += new
+        pool += new
+    return [{"id": f"a{i:04d}", "category": "anchor", "question": q} for i, q in enumerate(kept)], stats
+
+
+def helpful_answers(model, tok, records, gen: GenSettings, seed) -> list[dict]:
+    """Each question answered as the model answers it by default (no system prompt): an MLE-only
+    record. An answer that refuses, talks about the task or is empty is dropped.
+
+    Sampled at temperature 1 with no nucleus cut: MLE on unbiased samples of the model's own
+    answers pulls towards its own distribution (in expectation a KL(p_before || p) term); greedy
+    answers would sharpen it, which cost likelihood of good benign answers (docs/experiments.md).
     """
-    seed = (cfg.seed, start)
-    records = [dict(q) for q in questions]
-    if cfg.request_threshold > 0:
-        gate_questions(model, tok, seeds, records, cfg.request_threshold, gen.batch_size)
-    harmful = [r for r in records if r.get("kept", True)]
-    if harmful:
-        dual_responses(model, tok, seeds, harmful, gen, seed, cfg.positive_start)
-        progress("responses", "responses")
-        report_round = lambda k: progress("round", f"round {k + 1}/{cfg.rounds}")
-        refine(model, tok, seeds, harmful, cfg.rounds, gen, seed, log=report_round)
-        self_check(harmful, cfg.judge_threshold, cfg.judge_margin)  # judge_threshold: as calibrated
-        rule = SpanRule(cfg.span_method, cfg.contrast_rule, cfg.contrast_margin, cfg.contrast_top, cfg.contrast_floor)
-        find_spans(model, tok, seeds, harmful, rule, gen, seed)
+    unbiased = replace(gen, temperature=1.0, top_p=1.0)
+    answers = chat(model, tok, [r["question"] for r in records], unbiased, (seed, "answer"), whole_sentences=True)
+    for r, a in zip(records, answers):
+        r.update(kind="anchor", positive=a, toxic="", spans=[], kept=True)
+        reason = unusable(a) or ("answer refuses" if is_refusal(a) else None)
+        if reason:
+            r["kept"], r["dropped"] = False, reason
     return records
 
 
-# Relative cost of the stages of a chunk, for the ETA (measured on the default model: a
-# refinement round, with its two critiques, two revisions and two judgements, costs about
-# three times the dual responses or the self-check and spans; the anchor's questions and
-# answers about as much as the dual responses).
-STAGE_COST = {"responses": 1.0, "round": 3.0, "spans": 1.0, "anchor": 1.0}
+# -----------------------------------------------------------------------------
+# The generate command: the method into a dataset file, resumable
 
 
 def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
-    """Build (or resume) a dual dataset at cfg.out, chunk by chunk; return the summary.
-
-    model/tok: an already loaded model to use instead of loading cfg.model. Each batch of model
-    work is saved in the journal beside cfg.out as it finishes, so a run interrupted at any
-    point and rerun with the same flags redoes at most one batch and ends with the same file.
-    """
+    """Build (or resume) the dual dataset at cfg.out; print and return its summary. model/tok: an
+    already loaded model to use instead of cfg.model. Each batch of model work is journaled beside
+    cfg.out as it finishes: a run interrupted at any point and rerun with the same flags redoes at
+    most one batch and ends with the same file."""
     seeds = load_seeds(cfg.seeds)
-    for path in (cfg.questions_file, cfg.anchors_file):
-        if path:
-            given_questions(path, 0, "")  # a malformed prompt file stops the run before any model loads
-    dataset = DatasetFile(cfg.out, settings_of(cfg))  # other flags than the file's: refused before any model loads
-    # (and than its journal's); under torchrun only rank 0 journals: another rank loses at most its chunk
-    journal = dataset.open_journal() if distributed.is_main() else None
-    distributed.barrier()  # every rank has read the file before rank 0 appends to it
-    eprint(
+    for path in filter(None, (cfg.questions_file, cfg.anchors_file)):
+        given_questions(path, 0, "")  # a malformed prompt file stops the run before any model loads
+    dataset, journal = open_dataset(cfg.out, settings_of(cfg))  # other flags than the file's: refused here
+    log(
         f"PT-ALIGN generate: {seeds.count()} seed annotations, {cfg.questions} questions, {cfg.rounds} rounds, "
         f"{cfg.anchors} anchor questions -> {dataset.path}"
         + (f" (resuming: {len(dataset.done)} done)" if dataset.done else "")
@@ -629,8 +589,7 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     if len(dataset.done) < cfg.questions + cfg.anchors:
         if model is None:
             model, tok = load(cfg.model, cfg.device, cfg.dtype)
-        with journaled(journal):
-            summary = generate_records(model, tok, seeds, cfg, dataset)
+        summary = pt_align(model, tok, seeds, cfg, dataset, journal)
     else:  # finished before: nothing to recompute (the settings were checked above)
         summary = summarize(list(dataset.done.values()))
     if journal:
@@ -638,109 +597,7 @@ def run_generate(cfg: GenerateConfig, model=None, tok=None) -> dict:
     return report_summary(summary, dataset.path)
 
 
-def generate_records(model, tok, seeds: Seeds, cfg: GenerateConfig, dataset: DatasetFile) -> dict:
-    """The whole method into the dataset file: the judge's calibration, the questions, the anchor's
-    questions, then every chunk of records; returns the summary of the file."""
-    gen = GenSettings(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
-    t_start = time.perf_counter()
-    # Under torchrun what every rank must agree on is drawn by rank 0 and handed to all (distributed.py).
-    if cfg.judge_calibration:
-        threshold = distributed.from_main(lambda: calibrate_judge(model, tok, seeds, gen.batch_size))
-        cfg = replace(cfg, judge_threshold=threshold)
-        eprint(f"  self-check threshold, calibrated on the {len(seeds.exemplars)} exemplars: {cfg.judge_threshold}")
-    questions, qstats = distributed.from_main(
-        lambda: (
-            given_questions(cfg.questions_file, cfg.questions, "q")
-            if cfg.questions_file
-            else generate_questions(model, tok, seeds, cfg.questions, gen, cfg.seed, cfg.dedup_threshold, log=eprint)
-        )
-    )
-    anchors, astats = [], {}
-    if cfg.anchors:
-        anchors, astats = distributed.from_main(
-            lambda: (
-                given_questions(cfg.anchors_file, cfg.anchors, "a")
-                if cfg.anchors_file
-                else generate_benign_questions(model, tok, seeds, cfg.anchors, gen, cfg.seed, cfg.dedup_threshold)
-            )
-        )
-    write_chunks(model, tok, seeds, cfg, gen, dataset, questions, anchors)
-    summary = distributed.from_main(lambda: summarize(dataset.records(questions + anchors), qstats, astats))
-    return summary | dict(
-        seconds=round(time.perf_counter() - t_start, 1),
-        generated_tokens=gen.tally.tokens,
-        generation_seconds=round(gen.tally.seconds, 1),
-        generated_tokens_per_s=round(gen.tally.rate(), 1),
-    )
-
-
-def write_chunks(model, tok, seeds, cfg: GenerateConfig, gen: GenSettings, dataset, questions, anchors) -> None:
-    """Run the method on every chunk of questions not yet written, then answer the anchor
-    questions, appending each chunk's records as it is done (the resume points).
-
-    Under torchrun the chunks are dealt out to the ranks and rank 0 appends them in order: a
-    chunk's samples depend only on its questions and its start (its seeds), so the file is the
-    one a single process writes."""
-    todo = dataset.pending(questions, cfg.batch_size)
-    anchor_todo = dataset.pending(anchors, cfg.batch_size)
-    per_chunk = STAGE_COST["responses"] + cfg.rounds * STAGE_COST["round"] + STAGE_COST["spans"]
-    work = len(todo) * per_chunk + len(anchor_todo) * STAGE_COST["anchor"]
-    meter = Meter(work, len(questions) + len(anchors), gen.tally, len(dataset.records(questions + anchors)))
-    name = lambda start: f"chunk {start // cfg.batch_size + 1}/{math.ceil(len(questions) / cfg.batch_size)}"
-    step = lambda start, stage, label, n=0: eprint(meter.step(f"{name(start)}: {label}", STAGE_COST[stage], n))
-    dual = lambda job: method_on_chunk(model, tok, seeds, cfg, gen, job[1], job[0], partial(step, job[0]))
-    for (start, _), records, here in distributed.in_turns(todo, dual):
-        written = dataset.append(records)
-        if here:
-            step(start, "spans", "self-check, spans", written)
-        else:  # computed by another rank: all of its work arrives at once
-            eprint(meter.step(f"{name(start)}: from another rank", per_chunk, written))
-    answers = lambda job: helpful_answers(model, tok, [dict(a) for a in job[1]], gen, (cfg.seed, job[0]))
-    for (start, chunk), records, _ in distributed.in_turns(anchor_todo, answers):
-        written = dataset.append(records)
-        eprint(meter.step(f"anchor answers {start + len(chunk)}/{len(anchors)}", STAGE_COST["anchor"], written))
-
-
-# -----------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> Parser:
-    p = Parser(description="PT-ALIGN: self-generated dual safety data, and evaluation.")
-    sub = p.add_subparsers(dest="command", required=True)
-    add_flags(sub.add_parser("generate", help="build a dual dataset (JSONL) from the seed annotations"), GenerateConfig)
-
-    s = sub.add_parser("show", help="print a dataset's records with the harmful spans highlighted")
-    s.add_argument("file", help="dataset JSONL written by generate")
-    s.add_argument("--limit", type=POSITIVE, default=None, help="show only the first N records")
-
-    import evaluation  # it imports this module: imported when needed, never as this one loads
-
-    evaluation.add_commands(sub, lambda q: add_flags(q, GenerateConfig, ("model", "device", "dtype", "batch_size")))
-    return p
-
-
-def interrupted(args) -> str:
-    """The last message of an interrupted command: what it saved, and how to go on."""
-    if args.command == "generate":
-        return saved_work(args.out)
-    return f"`{args.command}` writes its output only at the end, so nothing was written; rerun it to start again."
-
-
-def main(argv=None):
-    distributed.init()  # under torchrun: generate and eval split their work over the processes
-    args = build_parser().parse_args(argv)
-    with one_line_errors(lambda: interrupted(args)):
-        for flag in ("out", "png"):  # every output path, checked before any model loads
-            if getattr(args, flag, None):
-                check_output_file(getattr(args, flag), "--" + flag)
-        if args.command == "generate":
-            run_generate(GenerateConfig(**{f.name: getattr(args, f.name) for f in fields(GenerateConfig)}))
-        elif args.command == "show":
-            print(show(args.file, args.limit))
-        else:
-            args.run(args)  # eval, compare and spans (evaluation.py)
-
-
 if __name__ == "__main__":
+    from commands import main  # the command line sits above this module and evaluation.py, which uses it
+
     main()

@@ -18,13 +18,13 @@ Every setting, its flag and its presets: train_config.py.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import shutil
-import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,35 +32,34 @@ import torch
 import distributed
 import evaluation
 import ptalign
-from data import Tokenizer, default_model_path
-from data.dataset import IGNORE, batches, build_examples, load_records
-from data.errors import UserError, fail_point, one_line_errors
-from data.files import (
+from common.charts import pyplot, save_figure
+from common.errors import UserError, fail_point, one_line_errors
+from common.files import (
     append_jsonl,
     check_output_dir,
-    pyplot,
     read_json,
     read_jsonl,
     remove_stale_temps,
-    save_figure,
     sha256,
     temp_path,
     write_json,
     write_jsonl,
 )
+from common.progress import Progress, log
+from data import Tokenizer, default_model_path
+from data.dataset import IGNORE, batches, build_examples, build_pairs, load_records
+from data.prompt_sets import load_prompts, spread
+from data.public import overlapping_prompts, public_prompts
+from generate_config import GenerateConfig
 from kernels import fused_linear_pt_loss
 from lora import add_lora, merged
 from model import Transformer, iter_checkpoint_tensors, replace_dir
+from objectives import DecisionLoss, dpo_micro_batch_loss
 from train_config import TrainConfig, fingerprint, parse_args
 
 
 class TrainError(UserError):
     """A run that cannot go on; the message says why and what to do."""
-
-
-def log(msg: str) -> None:
-    """Progress for the user, on stderr (stdout carries only the before/after table)."""
-    print(msg, file=sys.stderr)
 
 
 @contextmanager
@@ -82,9 +81,11 @@ def micro_batch_loss(model, ids, targets, ut, w_mle: float, alpha_eff: float, de
     The step's loss is  sum_MLE(-log p) / n_mle + alpha * sum_UT(-log(1 - p)) / n_ut  with the
     counts taken over all its micro-batches (a plain mean per micro-batch would weigh a token
     by the size of its micro-batch). So each micro-batch runs the fused loss with
-    reduction="sum" and alpha_eff = alpha * n_mle / n_ut, times w_mle = 1 / n_mle: that is
-    exactly its share. Only positions with a target reach the loss: the prompt, the toxic
-    tokens outside the spans and the padding are left out before the output projection.
+    reduction="sum" and alpha_eff = alpha * n_mle / n_ut, scaled by w_mle = 1 / n_mle: that is
+    exactly its share. The scale goes into the call, not onto its result, so loss.backward()
+    hands it a grad_output of 1 and the gradients the fused loss made in its forward pass are
+    used as they are (3 GEMMs, not 4). Only positions with a target reach the loss: the prompt,
+    the toxic tokens outside the spans and the padding are left out before the output projection.
     Returns (scaled loss, LossParts of this micro-batch).
     """
     keep = (targets.reshape(-1) != IGNORE).nonzero().squeeze(1)  # found on the CPU: no device sync
@@ -99,8 +100,7 @@ def micro_batch_loss(model, ids, targets, ut, w_mle: float, alpha_eff: float, de
     weight = model.lm_head_weight
     if precision == "bf16":  # bf16 logits, fp32 statistics inside the kernel
         hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
-    loss, parts = fused_linear_pt_loss(hidden, weight, t, u, alpha=alpha_eff, reduction="sum", return_parts=True)
-    return loss * w_mle, parts
+    return fused_linear_pt_loss(hidden, weight, t, u, alpha=alpha_eff, reduction="sum", scale=w_mle, return_parts=True)
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
@@ -203,31 +203,13 @@ def metrics_until(path: Path, start: int) -> list[dict]:
 # What the user sees
 
 
-class Progress:
-    """One status line on stderr: step, loss and its parts, tokens/s, ETA.
-
-    On a terminal the line is redrawn in place; into a file or pipe it is printed once per step.
-    """
-
-    def __init__(self, total: int, start: int):
-        self.total, self.start, self.t0, self.tokens = total, start, time.perf_counter(), 0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, m: dict) -> None:
-        self.tokens += m["tokens"]
-        dt = time.perf_counter() - self.t0
-        done = m["step"] - self.start
-        eta = (self.total - m["step"]) * dt / max(done, 1)
-        bar = "#" * int(20 * m["step"] / self.total)
-        line = (
-            f"step {m['step']}/{self.total} [{bar:<20}] loss {m['loss']:.4g} (mle {m['mle']:.4g}, "
-            f"ut {m['ut']:.4g})  lr {m['lr']:.2e}  {self.tokens / dt:.0f} tok/s  ETA {eta / 60:.1f} min"
-        )
-        print(("\r" + line + "\033[K") if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
+def step_line(progress: Progress, m: dict, tokens: int) -> str:
+    """The status line after a step: step, loss and its parts, tokens/s (`tokens` so far in this run), ETA."""
+    dt, eta = progress.times()
+    return (
+        f"step {m['step']}/{progress.total} {progress.bar(20)} loss {m['loss']:.4g} (mle {m['mle']:.4g}, "
+        f"ut {m['ut']:.4g})  lr {m['lr']:.2e}  {tokens / dt:.0f} tok/s  ETA {eta / 60:.1f} min"
+    )
 
 
 def plot_losses(metrics: list[dict], path: Path) -> None:
@@ -242,19 +224,13 @@ def plot_losses(metrics: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def spread(items: list, limit: int | None) -> list:
-    """`limit` items evenly spaced through the list (the prompt sets are grouped by category)."""
-    if limit is None or limit >= len(items):
-        return items
-    return [items[i * len(items) // limit] for i in range(limit)]
-
-
 def evaluate(model, tok, records, cfg: TrainConfig, run: dict, path: Path) -> dict:
     """The evaluation on the held-out prompt sets (an evenly spaced --eval-limit subset), written to `path`."""
-    harmful = spread(evaluation.load_prompts(cfg.eval_harmful), cfg.eval_limit)
-    benign = spread(evaluation.load_prompts(cfg.eval_benign), cfg.eval_limit)
+    harmful = spread(load_prompts(cfg.eval_harmful), cfg.eval_limit)
+    benign = spread(load_prompts(cfg.eval_benign), cfg.eval_limit)
+    public = {k: spread(v, cfg.eval_limit) for k, v in evaluation.public_prompts().items()} if cfg.eval_public else None
     report = evaluation.evaluate(
-        model, tok, harmful, benign, dataset=records, max_new_tokens=cfg.eval_max_new_tokens, log=log
+        model, tok, harmful, benign, dataset=records, max_new_tokens=cfg.eval_max_new_tokens, log=log, public=public
     )
     report["run"] = run
     if distributed.is_main():
@@ -307,26 +283,65 @@ def schedule(cfg: TrainConfig, n_examples: int) -> tuple[int, int, int]:
     return steps_per_epoch, total, warmup
 
 
-def train_step(model, params, optimizer, micro, cfg: TrainConfig, lr: float, device) -> dict:
-    """One optimizer step over a list of micro-batches; its metrics. A non-finite loss or gradient
-    raises TrainError (naming the parts) before the update."""
+@dataclass
+class Objectives:
+    """What a step needs beyond the model: the frozen reference (--loss dpo) and the decision loss."""
+
+    reference: torch.nn.Module | None = None
+    decision: DecisionLoss | None = None
+
+
+def pt_align_sums(model, micro, cfg: TrainConfig, device):
+    """Backward of the fused loss over a step's micro-batches; (sums of loss, MLE and UT, metrics)."""
     n_mle = sum(int(((t != IGNORE) & ~u).sum()) for _, t, u in micro)  # counted on the CPU
     n_ut = sum(int(((t != IGNORE) & u).sum()) for _, t, u in micro)
-    tokens = sum(ids.numel() for ids, _, _ in micro)
-    n_mle, n_ut, tokens = distributed.sum_counts(n_mle, n_ut, tokens)  # over all ranks' rows, under torchrun
+    n_mle, n_ut = distributed.sum_counts(n_mle, n_ut, 0)[:2]  # over all ranks' rows, under torchrun
     w_mle, alpha_eff = 1 / max(n_mle, 1), cfg.alpha * max(n_mle, 1) / max(n_ut, 1)
-    t0 = time.perf_counter()
     sums = torch.zeros(3, device=device)  # loss, sum of MLE -log p, sum of UT -log(1 - p)
     for ids, targets, ut in micro:
         loss, parts = micro_batch_loss(model, ids, targets, ut, w_mle, alpha_eff, device, cfg.precision)
         loss.backward()
         sums += torch.stack([loss.detach(), parts.mle * parts.n_mle, parts.ut * parts.n_ut])
+    return sums, dict(n_mle=n_mle, n_ut=n_ut)
+
+
+def dpo_sums(model, reference, micro, cfg: TrainConfig, device):
+    """Backward of DPO over a step's micro-batches of pairs; (sums of loss, pair loss, reward margin, metrics)."""
+    n_pairs = sum(ids.shape[0] // 2 for ids, _, _ in micro)
+    sums = torch.zeros(3, device=device)
+    for ids, targets, _ in micro:
+        loss, pair_loss, margin = dpo_micro_batch_loss(
+            model, reference, ids.to(device), targets.to(device), cfg.dpo_beta, 1 / n_pairs
+        )
+        loss.backward()
+        sums += torch.stack([loss.detach(), pair_loss, margin])
+    return sums, dict(n_mle=n_pairs, n_ut=n_pairs)
+
+
+def train_step(model, params, optimizer, micro, cfg: TrainConfig, lr: float, device, step: int, obj: Objectives):
+    """One optimizer step over a list of micro-batches; its metrics. A non-finite loss or gradient
+    raises TrainError (naming the parts) before the update. Under --loss dpo the metrics' mle and
+    ut are the mean DPO loss and reward margin per pair."""
+    tokens = distributed.sum_counts(0, 0, sum(ids.numel() for ids, _, _ in micro))[2]
+    t0 = time.perf_counter()
+    if obj.reference is not None:
+        sums, counts = dpo_sums(model, obj.reference, micro, cfg, device)
+    else:
+        sums, counts = pt_align_sums(model, micro, cfg, device)
+    decision = torch.zeros((), device=device)
+    if obj.decision is not None:  # one process only (objectives() refuses torchrun)
+        decision = cfg.decision_weight * obj.decision.loss(model, step)
+        decision.backward()
     grad_norm = distributed.clip_grad_norm_(params, cfg.grad_clip)
     # One host sync per step, before the update: a non-finite loss must never reach the weights
     # (nor, summed over the ranks first, any rank's weights).
-    loss_v, mle_sum, ut_sum, norm_v = torch.cat([distributed.all_sum(sums), grad_norm.reshape(1).float()]).tolist()
+    totals = distributed.all_sum(sums)
+    totals[0] += decision.detach()
+    last = [decision.detach().reshape(1), grad_norm.reshape(1).float()]
+    loss_v, mle_sum, ut_sum, decision_v, norm_v = torch.cat([totals, *last]).tolist()
+    n_mle, n_ut = counts["n_mle"], counts["n_ut"]
     m = dict(loss=loss_v, mle=mle_sum / max(n_mle, 1), ut=ut_sum / max(n_ut, 1), n_mle=n_mle, n_ut=n_ut, lr=lr)
-    m |= dict(grad_norm=norm_v, tokens=tokens)
+    m |= dict(grad_norm=norm_v, tokens=tokens) | (dict(decision=decision_v) if obj.decision is not None else {})
     if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
         raise TrainError(f"mle={m['mle']:.4g}, ut={m['ut']:.4g}, grad norm={norm_v:.4g}")
     for g in optimizer.param_groups:
@@ -336,10 +351,27 @@ def train_step(model, params, optimizer, micro, cfg: TrainConfig, lr: float, dev
     return {**m, "seconds": time.perf_counter() - t0}
 
 
-def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: Path) -> None:
+def objectives(cfg: TrainConfig, model, records, tok) -> Objectives:
+    """The frozen starting model for --loss dpo, and the decision loss calibrated on it when asked."""
+    obj = Objectives()
+    if distributed.active() and (cfg.loss == "dpo" or cfg.decision_weight > 0):
+        raise TrainError("--loss dpo and --decision-weight run in one process (python train.py), not under torchrun.")
+    if cfg.loss == "dpo":
+        obj.reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.decision_weight > 0:
+        try:
+            obj.decision = DecisionLoss(records, tok, cfg.decision_questions, cfg.seed, cfg.max_len)
+        except ValueError as e:
+            raise TrainError(f"--decision-weight {cfg.decision_weight}: {e}.") from None
+        log(f"decision loss: centred on the starting model's mean score {obj.decision.calibrate(model):.3f}")
+    return obj
+
+
+def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: Path, records) -> None:
     """Dual instruction tuning from `examples`; writes OUT/final, OUT/ckpt and OUT/metrics.jsonl."""
     device = torch.device(cfg.device)
     model, params, optimizer = setup(cfg, model_path, device)
+    obj = objectives(cfg, model, records, tok)  # from the starting weights, before any resume
     steps_per_epoch, total, warmup = schedule(cfg, len(examples))
     start = starting_step(cfg, model, optimizer, fingerprint, out, device, total)
     if distributed.is_main():
@@ -350,14 +382,14 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
         f"training: {len(examples)} examples, {total} steps of {cfg.batch_size}x{cfg.grad_accum}, "
         f"{sum(p.numel() for p in params) / 1e6:.1f}M trainable parameters ({kind}), {cfg.device} {cfg.precision}"
     )
-    progress, epoch_batches, last_saved = Progress(total, start), {}, start
+    progress, tokens, epoch_batches, last_saved = Progress(total, start, redraw=True), 0, {}, start
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
         if epoch not in epoch_batches:  # the order is a function of (seed, epoch) alone: resumable
             epoch_batches = {epoch: list(batches(examples, cfg.batch_size, cfg.seed, epoch, tok.pad_id))}
         micro = distributed.my_rows(epoch_batches[epoch][k * cfg.grad_accum : (k + 1) * cfg.grad_accum])
         try:
-            m = train_step(model, params, optimizer, micro, cfg, lr_at(step, total, warmup, cfg.lr), device)
+            m = train_step(model, params, optimizer, micro, cfg, lr_at(step, total, warmup, cfg.lr), device, step, obj)
         except TrainError as err:
             kept = f"last good checkpoint kept at {out / 'ckpt'} (step {last_saved})"
             raise TrainError(
@@ -368,7 +400,9 @@ def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: P
         if distributed.is_main():
             with open(out / "metrics.jsonl", "a") as f:
                 append_jsonl(f, m)
-        progress.update(m)
+        tokens += m["tokens"]
+        progress.advance(1)
+        progress.show(step_line(progress, m, tokens))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_checkpoint(model, optimizer, step + 1, cfg, fingerprint, out)
             last_saved = step + 1
@@ -407,14 +441,20 @@ def dual_dataset(cfg: TrainConfig, out: Path, model_path, tok, load):
     with stage("dataset", f"dataset: generating {data_path}"):
         model = load(model_path)
         same = {k: getattr(cfg, k) for k in ("model", "questions", "rounds", "anchors", "seed")}
-        gen = ptalign.GenerateConfig(out=str(data_path), dtype=cfg.inference_dtype, **same)
+        gen = GenerateConfig(out=str(data_path), dtype=cfg.inference_dtype, **same)
         ptalign.run_generate(gen, model, tok)
         return load_records(data_path), data_path, model
 
 
 def training_examples(records, tok, cfg: TrainConfig, data_path: Path) -> list:
-    """The records as training examples, cut to --max-len."""
-    examples, stats = build_examples(records, tok, cfg.max_len, cfg.loss, cfg.anchor)
+    """The records as training examples (as (positive, toxic) pairs under --loss dpo), cut to --max-len.
+    A question that is one of the public held-out prompts stops the run: they are never trained on."""
+    if leaked := overlapping_prompts([r["question"] for r in records], public_prompts()):
+        raise TrainError(f"{data_path}: {len(leaked)} question(s) are public held-out prompts, e.g. {leaked[0]!r}.")
+    if cfg.loss == "dpo":
+        examples, stats = build_pairs(records, tok, cfg.max_len)
+    else:
+        examples, stats = build_examples(records, tok, cfg.max_len, cfg.loss, cfg.anchor)
     log(
         f"dataset {data_path}: {len(records)} records -> {len(examples)} examples ({stats['dropped_long_prompt']} "
         f"dropped: prompt longer than --max-len, {stats['truncated']} truncated)"
@@ -442,6 +482,7 @@ def run(cfg: TrainConfig) -> dict:
     eval_run = {"model": str(model_path), "data_sha256": sha256(data_path)}
     eval_run |= {"eval_limit": cfg.eval_limit, "eval_max_new_tokens": cfg.eval_max_new_tokens}
     eval_run |= {"dtype": cfg.inference_dtype, "harmful": cfg.eval_harmful, "benign": cfg.eval_benign}
+    eval_run |= {"public": evaluation.public_fingerprint() if cfg.eval_public else None}
     if not cfg.skip_eval and (report := earlier_report(before, eval_run)):
         reports["before"] = report
         log(f"evaluation before: reusing {before}")
@@ -457,7 +498,7 @@ def run(cfg: TrainConfig) -> dict:
     # order of micro-batches (a single process's, with that many rows), resumable on any number of them.
     every_rank = replace(cfg, batch_size=cfg.batch_size * distributed.world())
     with stage("training", "dual instruction tuning"):
-        train(every_rank, examples, tok, model_path, fingerprint(every_rank, model_path, data_path), out)
+        train(every_rank, examples, tok, model_path, fingerprint(every_rank, model_path, data_path), out, records)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if not cfg.skip_eval:

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from common.cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, Parser, add_flags, option
+from common.files import sha256
 from data import DATA_DIR
-from data.cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, Parser, add_flags, option
-from data.files import sha256
 
 # The cpu preset makes the whole default run (dataset, both evaluations, training) finish in
 # under 20 minutes on 2 cores with the 135M default model; the gpu preset is for a 7B/8B model
@@ -58,8 +58,22 @@ class TrainConfig:
     )
     loss: str = option(
         "both",
-        "both: MLE on positives + unlikelihood on toxic spans (PT-ALIGN); mle or ut: one side only, for the ablations",
-        choices=("both", "mle", "ut"),
+        "both: MLE on positives + unlikelihood on toxic spans (PT-ALIGN); mle or ut: one side only, for the ablations; "
+        "dpo: DPO on the same (positive, toxic) pairs against the frozen starting model, the baseline (no anchor)",
+        choices=("both", "mle", "ut", "dpo"),
+    )
+    dpo_beta: float = option(
+        0.1, "DPO's beta: how far the policy may move from the reference (--loss dpo)", type=POSITIVE_FLOAT
+    )
+    decision_weight: float = option(
+        0.0,
+        "weight of the decision loss (this project's addition): a logistic loss on log p(refusal opener | question) "
+        "that pushes the dataset's harmful questions up and its anchor questions down, centred on the starting "
+        "model's mean score; 0: off",
+        type=NON_NEGATIVE,
+    )
+    decision_questions: int = option(
+        4, "questions of each kind (harmful, anchor) the decision loss scores per step", type=POSITIVE
     )
     alpha: float = machine(
         3.0,
@@ -145,6 +159,11 @@ class TrainConfig:
         str(DATA_DIR / "eval_benign.jsonl"),
         "benign prompts to evaluate on (default: data/eval_benign.jsonl; tune on data/dev_benign.jsonl)",
     )
+    eval_public: bool = option(
+        True,
+        "also evaluate on the public prompt sets written by other people (data/public/; report only, never tuned on)",
+        action=argparse.BooleanOptionalAction,
+    )
     skip_eval: bool = option(False, "no evaluation before or after (training only)")
 
 
@@ -159,7 +178,14 @@ def preset_values(name: str) -> dict:
 # that generated it moot.
 RESUME_MAY_CHANGE = {
     *("out", "resume", "save_every", "preset", "device", "grad_checkpointing"),  # where and how it runs
-    *("skip_eval", "eval_limit", "eval_max_new_tokens", "eval_harmful", "eval_benign"),  # evaluation around training
+    *(
+        "skip_eval",
+        "eval_limit",
+        "eval_max_new_tokens",
+        "eval_harmful",
+        "eval_benign",
+        "eval_public",
+    ),  # evaluation around training
     *("model", "data", "questions", "rounds", "anchors", "inference_dtype"),  # named by content: model path, data hash
 }
 

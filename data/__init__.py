@@ -3,9 +3,11 @@
 - `data.tokenizer`: the checkpoint's own tokenizer and chat template.
 - `data.default_model`: the embedded default model, fetched and converted on first use.
 - `data.dataset`: dual-dataset records to training tensors.
-- `data.prompts`: the seed loader and every prompt text; `data.records`: the generated dataset file.
-- `data.files`, `data.cli`: atomic writes, JSONL, hashes, words, charts; dataclass fields as flags.
-- `seeds.json`, `eval_*.jsonl`: the human annotations and the held-out prompt sets.
+- `data.prompts`: the seed loader and every prompt text the model is shown.
+- `seeds.json`, `eval_*.jsonl`, `dev_*.jsonl`, `span_gold.jsonl`: the human annotations, the
+  held-out and development prompt sets, and the hand-marked harmful words.
+
+Nothing here imports a module outside `data` and `common` (the utilities every layer uses).
 """
 
 from pathlib import Path

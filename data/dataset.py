@@ -17,178 +17,14 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from data.errors import UserError
-from data.files import WORD, read_jsonl
+from common.errors import UserError
+from common.files import read_jsonl
 
 IGNORE = -100
-
-# Words that carry no harm on their own and are never marked, whatever a quote or a
-# contrast score says: articles, pronouns, auxiliaries, prepositions, conjunctions.
-FUNCTION_WORDS = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "and",
-        "or",
-        "but",
-        "nor",
-        "so",
-        "yet",
-        "for",
-        "of",
-        "to",
-        "in",
-        "on",
-        "at",
-        "by",
-        "with",
-        "from",
-        "into",
-        "onto",
-        "about",
-        "as",
-        "than",
-        "then",
-        "i",
-        "me",
-        "my",
-        "mine",
-        "we",
-        "us",
-        "our",
-        "ours",
-        "you",
-        "your",
-        "yours",
-        "he",
-        "him",
-        "his",
-        "she",
-        "her",
-        "hers",
-        "it",
-        "its",
-        "they",
-        "them",
-        "their",
-        "theirs",
-        "this",
-        "that",
-        "these",
-        "those",
-        "there",
-        "here",
-        "who",
-        "whom",
-        "whose",
-        "which",
-        "what",
-        "when",
-        "where",
-        "why",
-        "how",
-        "is",
-        "am",
-        "are",
-        "was",
-        "were",
-        "be",
-        "been",
-        "being",
-        "do",
-        "does",
-        "did",
-        "done",
-        "have",
-        "has",
-        "had",
-        "having",
-        "will",
-        "would",
-        "shall",
-        "should",
-        "can",
-        "could",
-        "may",
-        "might",
-        "must",
-        "not",
-        "no",
-        "if",
-        "just",
-        "also",
-        "too",
-        "very",
-        "really",
-        "all",
-        "any",
-        "some",
-        "each",
-        "every",
-        "up",
-        "down",
-        "out",
-        "over",
-        "under",
-        "again",
-        "once",
-        "only",
-        "own",
-        "same",
-        "such",
-        "both",
-        "more",
-        "most",
-        "other",
-        "i'm",
-        "you're",
-        "he's",
-        "she's",
-        "it's",
-        "we're",
-        "they're",
-        "that's",
-        "there's",
-        "what's",
-        "let's",
-        "i've",
-        "you've",
-        "we've",
-        "they've",
-        "i'd",
-        "you'd",
-        "he'd",
-        "she'd",
-        "we'd",
-        "they'd",
-        "i'll",
-        "you'll",
-        "he'll",
-        "she'll",
-        "it'll",
-        "we'll",
-        "they'll",
-        "don't",
-        "doesn't",
-        "didn't",
-        "can't",
-        "won't",
-        "isn't",
-        "aren't",
-        "wasn't",
-        "weren't",
-        "hasn't",
-        "haven't",
-        "wouldn't",
-        "shouldn't",
-        "couldn't",
-    ]
-)
+WORD_CHAR = re.compile(r"\w")  # a token that carries none carries no harm: never masked
 
 
 class DatasetError(UserError):
@@ -196,36 +32,7 @@ class DatasetError(UserError):
 
 
 # -----------------------------------------------------------------------------
-# Character spans
-
-
-def word_spans(text: str, start: int = 0, end: int | None = None) -> list[list[int]]:
-    """[start, end) spans of the content words of text[start:end] (function words, space and punctuation left out)."""
-    end = len(text) if end is None else end
-    return [
-        [m.start(), m.end()]
-        for m in WORD.finditer(text, start, end)
-        if m.group().lower().replace("’", "'") not in FUNCTION_WORDS
-    ]
-
-
-def locate(text: str, phrase: str) -> tuple[int, int] | None:
-    """Where a quoted phrase occurs in text, preferring whole words ("kill" not inside "skill"):
-    exactly, else ignoring case and runs of whitespace, else as a plain substring."""
-    phrase = phrase.strip().strip("\"'“”‘’").strip()
-    if not phrase:
-        return None
-    loose = r"\s+".join(re.escape(w) for w in phrase.split())
-    for pattern, flags in (
-        (rf"(?<!\w){re.escape(phrase)}(?!\w)", 0),
-        (rf"(?<!\w){loose}(?!\w)", re.IGNORECASE),
-        (re.escape(phrase), 0),
-        (loose, re.IGNORECASE),
-    ):
-        m = re.search(pattern, text, flags)
-        if m:
-            return m.start(), m.end()
-    return None
+# Character spans (which words they mark is the method's rule: rules.word_spans)
 
 
 def merge_spans(spans) -> list[list[int]]:
@@ -246,13 +53,17 @@ def spans_to_token_mask(offsets, spans) -> list[bool]:
 
 
 # -----------------------------------------------------------------------------
-# Records -> examples
+# Checking a file's records: the one validator of the dataset format
 
 
-def check_keys(path, n: int, record: dict, keys) -> None:
+def check_keys(path, n: int, record: dict, keys, error=DatasetError) -> None:
+    """Stop with one sentence naming the file, line and key unless each (key, type) of `keys`
+    holds a value of that type; a string must not be empty. For every JSONL file read here."""
     for key, kind in keys:
-        if not isinstance(record.get(key), kind):
-            raise DatasetError(f"{path}:{n}: key {key!r} is missing or not a {kind.__name__}.")
+        value = record.get(key)
+        if not isinstance(value, kind) or (kind is str and not value):
+            what = "non-empty string" if kind is str else kind.__name__
+            raise error(f"{path}:{n}: key {key!r} is missing or not a {what}.")
 
 
 def check_spans(path, n: int, record: dict, required: bool = True) -> None:
@@ -269,22 +80,47 @@ def check_spans(path, n: int, record: dict, required: bool = True) -> None:
             raise DatasetError(f"{path}:{n}: span {s!r} is not [start, end) inside the toxic response.")
 
 
+def check_record(path, n: int, record: dict) -> None:
+    """A dual-dataset record as every reader needs it (train.py --data and ptalign.py show alike).
+
+    Every record has a question; the texts it has are strings and its spans lie inside its toxic
+    response. A record the method kept has what training reads: an anchor (kind "anchor", the
+    model's answer to a harmless question, MLE only) its answer; a dual record both responses
+    and at least one harmful span. A dropped one (kept: false, left in the file for resuming and
+    reading) may have stopped before any response was written.
+    """
+    check_keys(path, n, record, (("question", str),))
+    for key in ("id", "positive", "toxic"):
+        if key in record and not isinstance(record[key], str):
+            raise DatasetError(f"{path}:{n}: key {key!r} is not a string.")
+    if record.get("kept") is False:
+        check_spans(path, n, record, required=False)
+    elif record.get("kind") == "anchor":
+        check_keys(path, n, record, (("positive", str),))
+        check_spans(path, n, record, required=False)
+    else:
+        check_keys(path, n, record, (("positive", str), ("toxic", str), ("spans", list)))
+        check_spans(path, n, record)
+
+
+def read_records(path, allow_torn_tail: bool = False) -> list[tuple[int, dict]]:
+    """(line number, record) for every record of a dataset file, each checked by check_record."""
+    records = list(read_jsonl(path, DatasetError, "dataset", allow_torn_tail=allow_torn_tail))
+    for n, r in records:
+        check_record(path, n, r)
+    return records
+
+
 def load_records(path) -> list[dict]:
-    """Kept records of a dual-dataset JSONL file, each checked for the keys training needs."""
-    path = Path(path)
-    records = []
-    for n, r in read_jsonl(path, DatasetError, "dataset"):
-        if r.get("kept") is False:
-            continue  # dropped by the pipeline's self-check; kept in the file for resuming and reading
-        if r.get("kind") == "anchor":  # the helpfulness anchor: a question and an answer, MLE only
-            check_keys(path, n, r, (("question", str), ("positive", str)))
-        else:
-            check_keys(path, n, r, (("question", str), ("positive", str), ("toxic", str), ("spans", list)))
-            check_spans(path, n, r)
-        records.append(r)
+    """The kept records of a dual-dataset JSONL file: what training reads."""
+    records = [r for _, r in read_records(path) if r.get("kept") is not False]
     if not records:
         raise DatasetError(f"{path}: dataset has no usable (kept) record.")
     return records
+
+
+# -----------------------------------------------------------------------------
+# Records -> examples
 
 
 @dataclass
@@ -334,7 +170,7 @@ def encode_example(tokenizer, question: str, response: str, spans=None, max_len:
         # A token is marked only if it carries a word character: a phrase span given by hand
         # may cover spaces and punctuation, which never carry the harm.
         marked = spans_to_token_mask(offsets, [[s + r0, e + r0] for s, e in spans])
-        ut_tok = [m and r and bool(WORD.search(suffix[s:e])) for m, r, (s, e) in zip(marked, in_response, offsets)]
+        ut_tok = [m and r and bool(WORD_CHAR.search(suffix[s:e])) for m, r, (s, e) in zip(marked, in_response, offsets)]
         target = ut_tok
     ids = prompt_ids + suffix_ids
     is_target = [False] * len(prompt_ids) + target
@@ -377,33 +213,58 @@ def build_examples(records, tokenizer, max_len: int, loss: str = "both", anchor:
     return examples, stats
 
 
-def batches(examples: list[Example], batch_size: int, seed: int, epoch: int, pad_id: int):
+def build_pairs(records, tokenizer, max_len: int):
+    """(positive, toxic) example pairs for the DPO baseline, both sides with every response token
+    a target (DPO compares whole-sequence log-probabilities); anchor records have no pair.
+
+    Returns (pairs, stats) as build_examples does.
+    """
+    pairs, stats = [], {"dropped_long_prompt": 0, "truncated": 0}
+    for r in records:
+        if r.get("kind") == "anchor":
+            continue
+        pos, tox = (encode_example(tokenizer, r["question"], r[side], None, max_len) for side in ("positive", "toxic"))
+        if pos is None or tox is None:
+            stats["dropped_long_prompt"] += 1
+        else:
+            stats["truncated"] += pos.truncated or tox.truncated
+            pairs.append((pos, tox))
+    return pairs, stats
+
+
+def batches(units: list, batch_size: int, seed: int, epoch: int, pad_id: int):
     """Length-bucketed batches in a shuffled order that depends only on (seed, epoch).
 
-    Examples are sorted by length within windows of 8 batches so a batch pads little,
-    and the batch order is shuffled so training does not see lengths in order.
-    Yields (ids, targets, ut_mask) as (B, T) tensors, right-padded.
+    A unit is an Example, or a tuple of Examples that must share a micro-batch (a DPO pair),
+    laid out as consecutive rows. Units are sorted by length within windows of 8 batches so a
+    batch pads little, and the batch order is shuffled so training does not see lengths in order.
+    Yields (ids, targets, ut_mask) as (rows, T) tensors, right-padded.
     """
+    flat = lambda unit: unit if isinstance(unit, tuple) else (unit,)
     rng = random.Random(seed * 1000003 + epoch)
-    order = list(range(len(examples)))
+    order = list(range(len(units)))
     rng.shuffle(order)
     window = batch_size * 8
     order = [
         i
         for w in range(0, len(order), window)
-        for i in sorted(order[w : w + window], key=lambda i: len(examples[i].ids))
+        for i in sorted(order[w : w + window], key=lambda i: max(len(e.ids) for e in flat(units[i])))
     ]
     groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(groups)
     for group in groups:
-        exs = [examples[i] for i in group]
-        T = max(len(e.ids) for e in exs)
-        ids = torch.full((len(exs), T), pad_id, dtype=torch.long)
-        targets = torch.full((len(exs), T), IGNORE, dtype=torch.long)
-        ut = torch.zeros((len(exs), T), dtype=torch.bool)
-        for b, e in enumerate(exs):
-            n = len(e.ids)
-            ids[b, :n] = torch.tensor(e.ids)
-            targets[b, :n] = torch.tensor(e.targets)
-            ut[b, :n] = torch.tensor(e.ut)
-        yield ids, targets, ut
+        yield pad_rows([e for i in group for e in flat(units[i])], pad_id)
+
+
+def pad_rows(exs: list[Example], pad_id: int):
+    """Examples as right-padded (ids, targets, ut_mask) tensors of one micro-batch."""
+    T = max(len(e.ids) for e in exs)
+    ids = torch.full((len(exs), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(exs), T), IGNORE, dtype=torch.long)
+    ut = torch.zeros((len(exs), T), dtype=torch.bool)
+    for b, e in enumerate(exs):
+        n = len(e.ids)
+        ids[b, :n] = torch.tensor(e.ids)
+        targets[b, :n] = torch.tensor(e.targets)
+        ut[b, :n] = torch.tensor(e.ut)
+    return ids, targets, ut

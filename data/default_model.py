@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from data.errors import UserError, one_line_errors
-from data.files import sha256, write_bytes_atomic, write_json
+from common.errors import UserError, one_line_errors
+from common.files import sha256, write_bytes_atomic, write_json
 
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderTensor
@@ -69,6 +69,11 @@ CONVERTER_VERSION = 1
 # Written last, inside the temporary directory, just before it is renamed into place.
 MARKER = "ptalign-converted.json"
 OUTPUT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def model_label(model) -> str:
+    """How reports and dataset provenance name a checkpoint: its path, or default:NAME for the embedded one."""
+    return str(model or f"default:{MODEL_NAME}")
 
 
 class DefaultModelError(UserError):

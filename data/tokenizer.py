@@ -14,8 +14,8 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-from data.errors import UserError
-from data.files import read_json
+from common.errors import UserError
+from common.files import read_json
 
 
 class TokenizerError(UserError):

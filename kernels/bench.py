@@ -11,8 +11,10 @@ Rows, each checked against the float64 reference (kernels.pt_loss_reference) on 
 inputs before it is timed; a library that is not installed gives a row that says so:
 
     eager           log-softmax in fp32 + gather + log(1 - p) clamped, as hand-written training code does
-    compile         torch.compile of kernels.pt_loss_reference (recompiled for every shape)
+    compile         torch.compile of kernels.pt_loss_reference (recompiled for every shape; --skip compile
+                    leaves it out)
     liger-ce        Liger's cross-entropy (MLE only: it has no unlikelihood term)
+    quack-ce        quack's cross-entropy (CuTe DSL; MLE only)
     ptalign         kernels.pt_loss
     eager-linear    hidden @ weight.T, then eager
     liger-linear    Liger's fused linear cross-entropy (MLE only)
@@ -20,16 +22,24 @@ inputs before it is timed; a library that is not installed gives a row that says
     ptalign-linear  hidden @ weight.T, then kernels.pt_loss(inplace=True)
     fused-linear    kernels.fused_linear_pt_loss
 
-Timing: each repetition flushes L2 (writes a buffer of twice its size), then records CUDA
-events around the forward and the backward of one loss on inputs made on the device; the
-median over repetitions of forward, backward and their sum is reported, after warm-up runs
-(compilation, autotuning). torch._dynamo is reset for every shape. On a CPU: perf_counter, no
-flush. Columns: GB/s is the loss's floor of bytes, one read of the logits and one write of
-their gradient (2·N·V·bytes), over the total time, with its share of the copy bandwidth
-measured in the same run; TFLOP/s (*-linear rows) is 6·N·V·H, the three GEMMs of forward and
-backward, over the total time (fused-linear runs a fourth, recomputing the logits); peak MB is
-the memory allocated during forward + backward beyond the inputs, gradients included (CUDA's
-peak counter; on a CPU the allocator's running total from torch.profiler).
+Timing, two ways. End to end: each repetition flushes L2 (writes a buffer of twice its size),
+then records CUDA events around the forward and the backward of one loss on inputs made on the
+device, host-side work (argument checks, token weights, allocations) included; after
+WARMUPS = 10 warm-up runs (compilation, autotuning of the variant that is timed: the warm-up
+runs forward and backward at the timed shape), the median over repetitions of forward, backward
+and their sum, and the 20th-80th percentile of the sum (the spread). Kernel only (ptalign rows):
+`triton.testing.do_bench` of the one kernel launch that does a training step's work (the forward
+kernel writing the gradient for grad_output = 1; backward then launches a kernel that returns at
+once), its own L2 flush before each run, median and 20th-80th percentile. torch._dynamo is reset
+for every shape. On a CPU: perf_counter, no flush.
+
+Columns: GB/s is the loss's floor of bytes, one read of the logits and one write of their
+gradient (2·N·V·bytes), over the time, with its share of the copy bandwidth measured in the same
+run (end to end, and kernel only); TFLOP/s (*-linear rows) is 6·N·V·H, the three GEMMs of
+forward and backward, over the total time (the exact path of fused-linear runs a fourth,
+recomputing the logits; its training path does not); peak MB is the memory allocated during
+forward + backward beyond the inputs, gradients included (CUDA's peak counter; on a CPU the
+allocator's running total from torch.profiler).
 """
 
 import argparse
@@ -44,22 +54,31 @@ from pathlib import Path
 import torch
 import triton
 
-from data.cli import NON_NEGATIVE, POSITIVE, Parser
-from data.errors import one_line_errors
-from data.files import check_output_dir, check_output_file, pyplot, save_figure, write_bytes_atomic, write_json
+from common.charts import pyplot, save_figure
+from common.cli import NON_NEGATIVE, POSITIVE, Parser
+from common.errors import one_line_errors
+from common.files import check_output_dir, check_output_file, write_bytes_atomic, write_json
 
 from . import fused_linear_pt_loss, pt_loss, pt_loss_reference
-from .pt_loss import _INTERPRETED
+from .pt_loss import _INTERPRETED, token_losses
+from .reference import token_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IGNORE = -100
 
-# The README's table: loss rows at these (N, V), *-linear rows at (N, H, V)
-GPU_TABLE = dict(loss=[(4096, 32000), (16384, 32000), (4096, 128256), (16384, 128256)], linear=[(8192, 4096, 128256)])
+# The README's table: loss rows at these (N, V), *-linear rows at (N, H, V). V = 16384 is held
+# on chip on every GPU (the one-read path); 32000 on sm_80 only; 128256 is streamed everywhere.
+GPU_TABLE = dict(
+    loss=[(16384, 16384), (4096, 32000), (16384, 32000), (4096, 128256), (16384, 128256)],
+    linear=[(8192, 4096, 128256)],
+)
 CPU_TABLE = dict(loss=[(512, 32000)], linear=[(512, 576, 32000)])
+TOY_TABLE = dict(loss=[(48, 1000), (48, 20000)], linear=[(48, 32, 1000)])  # seconds under the interpreter
+TABLES = dict(gpu=GPU_TABLE, cpu=CPU_TABLE, toy=TOY_TABLE)
 CHECK_ROWS = 512  # rows of the slice each method is checked on
 AUTOTUNED = ("ptalign", "ptalign-linear", "fused-linear")  # run once at the timed shape before the check
 CHECK_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}  # relative error of loss and grads
+WARMUPS = 10  # untimed runs before the timed ones
 
 # -----------------------------------------------------------------------------
 # 1. The contenders
@@ -94,6 +113,8 @@ def _library(name, takes, module, make, device):
         lib = importlib.import_module(module)
     except ImportError:
         return Method(name, takes, missing=f"not installed ({module})", mle_only=True)
+    except Exception as e:  # installed but broken here (a CUDA or DSL mismatch): its row says so
+        return Method(name, takes, missing=f"import failed: {type(e).__name__}: {str(e)[:60]}", mle_only=True)
     if device.type != "cuda":
         return Method(name, takes, missing="needs CUDA", mle_only=True)
     return Method(name, takes, fn=make(lib), mle_only=True)
@@ -109,6 +130,13 @@ def methods(device):
             "logits",
             "liger_kernel.transformers",
             lambda lib: lambda z, t, u, a: lib.LigerCrossEntropyLoss(ignore_index=IGNORE)(z, t),
+            device,
+        ),
+        _library(
+            "quack-ce",
+            "logits",
+            "quack",
+            lambda lib: lambda z, t, u, a: lib.cross_entropy(z, t, ignore_index=IGNORE, reduction="mean"),
             device,
         ),
         Method("ptalign", "logits", lambda z, t, u, a: pt_loss(z, t, u, alpha=a)),
@@ -209,8 +237,17 @@ class Timer:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
-def time_phases(fn, leaves, rest, timer, reps, warmup=2):
-    """Median (forward, backward, total) ms of fn(*leaves, *rest) and its backward, fresh leaves each time."""
+def spread(times_ms):
+    """{median, p20, p80} of a list of times: the middle and the spread a rerun should land in."""
+    if len(times_ms) == 1:
+        return dict(median=times_ms[0], p20=times_ms[0], p80=times_ms[0])
+    deciles = statistics.quantiles(times_ms, n=10, method="inclusive")  # the 10th, 20th, ..., 90th percentile
+    return dict(median=deciles[4], p20=deciles[1], p80=deciles[7])
+
+
+def time_phases(fn, leaves, rest, timer, reps, warmup=WARMUPS):
+    """End to end: median forward, backward and total ms of fn(*leaves, *rest) and its backward
+    (fresh leaves each time), and the 20th / 80th percentile of the total."""
     times = []
     for rep in range(warmup + reps):
         xs = [x.detach().requires_grad_() for x in leaves]
@@ -223,7 +260,30 @@ def time_phases(fn, leaves, rest, timer, reps, warmup=2):
         if rep >= warmup:
             times.append((forward, backward, forward + backward))
         del loss, xs
-    return [statistics.median(t[i] for t in times) for i in range(3)]
+    total = spread([t[2] for t in times])
+    fwd, bwd = (statistics.median(t[i] for t in times) for i in range(2))
+    return dict(fwd_ms=fwd, bwd_ms=bwd, ms=total["median"], ms_p20=total["p20"], ms_p80=total["p80"])
+
+
+def kernel_only_ms(logits, targets, ut_mask, alpha, reps, warmups=WARMUPS):
+    """Kernel only: {median, p20, p80} ms of the one launch that does a training step's work, the
+    forward kernel writing the gradient (buffers made beforehand). do_bench on a GPU (it flushes L2
+    before each run); perf_counter over warmups + reps runs on a CPU."""
+    t, u = targets.long().contiguous(), ut_mask.contiguous()
+    weights = token_weights(t, u, alpha, IGNORE, "mean")
+    stats = torch.empty(t.numel(), 3, dtype=torch.float32, device=logits.device)
+    grad = torch.empty_like(logits)
+    launch = lambda: token_losses(logits, t, u, IGNORE, stats, weights, grad)  # noqa: E731
+    if logits.is_cuda:
+        p20, median, p80 = triton.testing.do_bench(launch, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+        return dict(median=median, p20=p20, p80=p80)
+    times = []
+    for rep in range(warmups + reps):
+        start = time.perf_counter()
+        launch()
+        if rep >= warmups:
+            times.append((time.perf_counter() - start) * 1e3)
+    return spread(times)
 
 
 def peak_mb(step, device):
@@ -333,7 +393,7 @@ def environment(device):
 # 5. Running the table
 
 
-def run_row(method, leaves, rest, timer, reps, row):
+def run_row(method, leaves, rest, timer, reps, row, warmups=WARMUPS):
     """One method at one shape: the check, then times and peak memory, added to `row`."""
     targets, ut_mask, alpha = rest
     dtype = leaves[0].dtype
@@ -341,9 +401,9 @@ def run_row(method, leaves, rest, timer, reps, row):
         row["check"] = method.missing
         return row
     if method.name in AUTOTUNED:
-        # autotune's key is the vocabulary, not the row count: tune at the timed shape, not CHECK_ROWS
-        with torch.no_grad():  # none of these writes into its inputs
-            method.fn(*leaves, targets, ut_mask, alpha)
+        # autotune's key is the vocabulary, the variant and the dtypes, not the row count: tune at
+        # the timed shape (not CHECK_ROWS) the variant that is timed (forward and backward)
+        step_for(method.fn, leaves, rest)()
     try:
         error = check(method, leaves, targets, ut_mask, alpha)
     except Exception as e:  # an optional library failing must not cost the rest of the table
@@ -358,7 +418,10 @@ def run_row(method, leaves, rest, timer, reps, row):
         rest = (targets, torch.zeros_like(ut_mask), alpha)
     # fresh copies: some methods write their gradient over the inputs they are given
     leaves = [x.clone() for x in leaves]
-    row["fwd_ms"], row["bwd_ms"], row["ms"] = time_phases(method.fn, leaves, rest, timer, reps)
+    row.update(time_phases(method.fn, leaves, rest, timer, reps, warmups))
+    if method.name == "ptalign":
+        kernel = kernel_only_ms(leaves[0], targets, ut_mask, alpha, reps, warmups)
+        row["kernel_ms"], row["kernel_p20"], row["kernel_p80"] = kernel["median"], kernel["p20"], kernel["p80"]
     row["peak_mb"] = peak_mb(step_for(method.fn, leaves, rest), leaves[0].device)
     return row
 
@@ -368,15 +431,19 @@ def throughput(row, elem_size, bandwidth):
     if "ms" not in row:
         return row
     if row["h"] is None:
-        row["gbs"] = 2 * row["n"] * row["v"] * elem_size / row["ms"] / 1e6
+        floor_bytes = 2 * row["n"] * row["v"] * elem_size
+        row["gbs"] = floor_bytes / row["ms"] / 1e6
         row["share"] = row["gbs"] / bandwidth
+        if "kernel_ms" in row:
+            row["kernel_share"] = floor_bytes / row["kernel_ms"] / 1e6 / bandwidth
     else:
         row["tflops"] = 6 * row["n"] * row["v"] * row["h"] / row["ms"] / 1e9
     return row
 
 
-def run_table(shapes, dtype, device, reps, alpha, only=None):
-    """Every method at every shape: the table's rows."""
+def run_table(shapes, dtype, device, reps, alpha, only=None, skip=(), warmups=WARMUPS):
+    """Every method (of `only`, if given, and not in `skip`) at every shape: the table's rows,
+    each after `warmups` untimed runs."""
     timer = Timer(device)
     bandwidth = copy_bandwidth_gbs(device, timer)
     print(f"copy bandwidth: {bandwidth:.0f} GB/s")
@@ -386,12 +453,12 @@ def run_table(shapes, dtype, device, reps, alpha, only=None):
         n_rows, hidden_size, n_vocab = shape[0], (shape[1] if takes == "linear" else None), shape[-1]
         leaves, targets, ut_mask = make_inputs(n_rows, n_vocab, hidden_size, dtype, device)
         for method in methods(device):
-            if method.takes != takes or (only and method.name not in only):
+            if method.takes != takes or (only and method.name not in only) or method.name in skip:
                 continue
             if method.name == "compile":
                 method.fn = compiled_reference()
             row = dict(method=method.name, n=n_rows, v=n_vocab, h=hidden_size, dtype=dtype_name)
-            run_row(method, leaves, (targets, ut_mask, alpha), timer, reps, row)
+            run_row(method, leaves, (targets, ut_mask, alpha), timer, reps, row, warmups)
             rows.append(throughput(row, dtype.itemsize, bandwidth))
             print(format_row(row), flush=True)
         del leaves
@@ -444,8 +511,14 @@ COLUMNS = [
     ("fwd_ms", "fwd ms", "{:.3f}"),
     ("bwd_ms", "bwd ms", "{:.3f}"),
     ("ms", "total ms", "{:.3f}"),
+    ("ms_p20", "p20", "{:.3f}"),
+    ("ms_p80", "p80", "{:.3f}"),
     ("gbs", "GB/s", _number),
     ("share", "% of copy", "{:.0%}"),
+    ("kernel_ms", "kernel ms", "{:.3f}"),
+    ("kernel_p20", "kernel p20", "{:.3f}"),
+    ("kernel_p80", "kernel p80", "{:.3f}"),
+    ("kernel_share", "kernel % of copy", "{:.0%}"),
     ("tflops", "TFLOP/s", _number),
     ("peak_mb", "peak MB", "{:.0f}"),
     ("vs_eager", "peak / eager", "{:.3f}"),
@@ -513,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=NON_NEGATIVE, default=1.0, help="weight of the unlikelihood term (default: 1.0)")
     p.add_argument("--reps", type=POSITIVE, help="timed repetitions per row (default 20 on CUDA, 3 on CPU)")
     p.add_argument("--only", nargs="+", help="run only these methods")
+    p.add_argument("--skip", nargs="+", default=[], help="leave these methods out (e.g. compile)")
+    p.add_argument("--table", choices=TABLES, help="the shapes of this table (default: gpu on CUDA, else cpu)")
+    p.add_argument("--kind", choices=("loss", "linear"), help="only the loss rows, or only the *-linear rows")
     p.add_argument("--memory", action="store_true", help="peak memory of the *-linear methods at one shape")
     p.add_argument("--out", default="runs/bench", help="with --all: directory for bench.md, bench.json, bench.png")
     p.add_argument("--json", metavar="FILE", help="also write the rows and environment as JSON")
@@ -521,12 +597,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def shapes_of(args, cuda):
-    """{"loss": [(N, V)], "linear": [(N, H, V)]} from the flags, or the README table's."""
-    if args.all or not (args.n or args.v):
-        return GPU_TABLE if cuda else CPU_TABLE
-    n, v = args.n or [4096], args.v or [128256]
-    hidden = args.hidden or (4096 if cuda else 576)
-    return dict(loss=[(a, b) for b in v for a in n], linear=[(a, hidden, b) for b in v for a in n])
+    """{"loss": [(N, V)], "linear": [(N, H, V)]} from the flags, or a table's (--table, or the
+    README's for this device), less the kind --kind leaves out."""
+    if args.table or args.all or not (args.n or args.v):
+        shapes = TABLES[args.table or ("gpu" if cuda else "cpu")]
+    else:
+        n, v = args.n or [4096], args.v or [128256]
+        hidden = args.hidden or (4096 if cuda else 576)
+        shapes = dict(loss=[(a, b) for b in v for a in n], linear=[(a, hidden, b) for b in v for a in n])
+    return {kind: rows if args.kind in (None, kind) else [] for kind, rows in shapes.items()}
 
 
 def main(argv=None):
@@ -555,7 +634,7 @@ def bench(args) -> None:
         rows, bandwidth = run_memory(args, dtype, device), None
     else:
         reps = args.reps or (20 if cuda else 3)
-        rows, bandwidth = run_table(shapes_of(args, cuda), dtype, device, reps, args.alpha, args.only)
+        rows, bandwidth = run_table(shapes_of(args, cuda), dtype, device, reps, args.alpha, args.only, args.skip)
     print("\n" + table(rows))
     if args.all:
         write_outputs(rows, env, bandwidth, args.out)

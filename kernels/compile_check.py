@@ -1,17 +1,20 @@
 """
-Compile every kernel of pt_loss.py at every launch configuration its launchers can choose, for
-sm_80 and sm_90, with Triton's own compiler and the ptxas it ships: no GPU needed.
+Compile every Triton kernel of kernels/ at every launch configuration its launchers can choose,
+for sm_80 and sm_90, with Triton's own compiler and the ptxas it ships: no GPU needed.
 
     python -m kernels.compile_check                 # one line per compiled kernel
     python -m kernels.compile_check --json out.json # the same as JSON (tests/test_compile.py reads it)
+    python -m kernels.compile_check --match V=50257 # only the cases whose description has this text
     python -m kernels.compile_check --probe         # the one-read path past ONE_READ_MAX: where it spills
 
 Each kernel is specialised exactly as a launch would specialise it: the launcher's own argument
 builders (`loss_kernel_args`, `grad_kernel_args`) run on meta-device tensors of a real shape,
 and Triton's runtime binder turns them into the signature and the divisibility hints
 (tt.divisibility 16 for pointers, ints and strides that are multiples of 16). For each kernel
-it reports registers, stack (spills), shared memory, and the widest global load of the logits
-in the PTX: 16 bytes (ld.global.v4.b32 or .v2.b64) is a fully vectorised read.
+it reports registers, stack (spills), shared memory (the software pipeline's buffers), the
+widest global load of the logits in the PTX (16 bytes, ld.global.v4.b32 or a 16-byte cp.async,
+is a fully vectorised read; rows of an odd V such as GPT-2's 50257 are not 16-byte aligned and
+load 2 bytes at a time), and the L1 / L2 eviction hints it asks for.
 
 Triton's interpreter replaces @triton.jit functions when TRITON_INTERPRET=1 (tests set it), and
 those cannot be compiled: run this without it (the test starts it in a subprocess).
@@ -34,8 +37,9 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from data.files import write_json
+from common.files import write_json
 
+from .fused_linear import SCALE_LAUNCH, _scale_kernel
 from .pt_loss import (
     _INTERPRETED,
     LOSS_CONFIGS,
@@ -52,6 +56,7 @@ ARCHS = (80, 90)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 N_ROWS = 16384
 STREAMED_V = 128256  # the vocabulary the streamed configs are compiled for (Llama 3)
+ODD_V = 50257  # GPT-2's vocabulary: rows not 16-byte aligned, so the logits load 2 bytes at a time
 
 # -----------------------------------------------------------------------------
 # 1. What the launchers can choose
@@ -64,27 +69,34 @@ def one_read_vocab(block_v):
 
 def loss_cases(dtype, arch):
     """(description, kernel args, constexprs + options) for every `_pt_loss_kernel` launch with
-    this dtype on sm_<arch>: each config the launcher can choose there, at a V it chooses it for."""
+    this dtype on sm_<arch>: each config the launcher can choose there, at a V it chooses it for,
+    and in bf16 the streamed configs once more at an odd V (rows that are not 16-byte aligned)."""
     for config in LOSS_CONFIGS:
         one_read = config.kwargs["ONE_READ"]
         if one_read and one_read_width(config.kwargs["BLOCK_V"], arch) is None:
             continue  # too wide for this GPU: its rows are streamed
-        n_vocab = one_read_vocab(config.kwargs["BLOCK_V"]) if one_read else STREAMED_V
-        if config not in choose_loss_configs(n_vocab, arch):
-            raise AssertionError(f"the launcher would not choose {config} for V = {n_vocab} on sm_{arch}")
-        for write_grad, layout in ((True, "2d"), (True, "3d"), (False, "2d")):  # eval and fused_linear: 2-D
-            logits = _logits(n_vocab, dtype, layout)
-            rows = logits.shape[:-1].numel()
-            stats = torch.empty(rows, 3, device="meta")
-            token_loss, weights = torch.empty(rows, device="meta"), torch.empty(rows, device="meta")
-            targets, is_ut = (
-                torch.empty(rows, dtype=torch.long, device="meta"),
-                torch.empty(rows, dtype=torch.bool, device="meta"),
-            )
-            grad = torch.empty(logits.shape, dtype=dtype, device="meta") if write_grad else None
-            args, flags = loss_kernel_args(logits, targets, is_ut, -100, stats, weights, grad, token_loss)
-            name = f"loss V={n_vocab} {layout} {'grad' if write_grad else 'no-grad'} {_describe(config.kwargs)}"
-            yield name, _pt_loss_kernel.fn, args, {**flags, **config.all_kwargs()}
+        vocabs = [one_read_vocab(config.kwargs["BLOCK_V"])] if one_read else [STREAMED_V]
+        vocabs += [ODD_V] if not one_read and dtype == torch.bfloat16 else []
+        for n_vocab in vocabs:
+            if config not in choose_loss_configs(n_vocab, arch):
+                raise AssertionError(f"the launcher would not choose {config} for V = {n_vocab} on sm_{arch}")
+            layouts = ((True, "2d"), (True, "3d"), (False, "2d")) if n_vocab != ODD_V else ((True, "2d"), (False, "2d"))
+            for write_grad, layout in layouts:  # eval and fused_linear: 2-D
+                name = f"loss V={n_vocab} {layout} {'grad' if write_grad else 'no-grad'} {_describe(config.kwargs)}"
+                args, flags = _loss_launch(n_vocab, dtype, layout, write_grad)
+                yield name, _pt_loss_kernel.fn, args, {**flags, **config.all_kwargs()}
+
+
+def _loss_launch(n_vocab, dtype, layout, write_grad):
+    """`loss_kernel_args` on meta tensors of a real shape, as a launch would pass them."""
+    logits = _logits(n_vocab, dtype, layout)
+    rows = logits.shape[:-1].numel()
+    stats = torch.empty(rows, 3, device="meta")
+    token_loss, weights = torch.empty(rows, device="meta"), torch.empty(rows, device="meta")
+    targets = torch.empty(rows, dtype=torch.long, device="meta")
+    is_ut = torch.empty(rows, dtype=torch.bool, device="meta")
+    grad = torch.empty(logits.shape, dtype=dtype, device="meta") if write_grad else None
+    return loss_kernel_args(logits, targets, is_ut, -100, stats, weights, grad, token_loss)
 
 
 def grad_cases(dtype):
@@ -106,6 +118,15 @@ def grad_cases(dtype):
         args, flags = grad_kernel_args(logits, 0, targets, stats, weights, go, grad, skip_unit)
         name = f"grad V={n_cols} {'skip-unit' if skip_unit else 'in-place'} go={'per-token' if per_token else 'scalar'}"
         yield f"{name} {_describe(constexprs)}", _pt_grad_kernel, args, {**flags, **launch}
+
+
+def scale_cases(dtype):
+    """`_scale_kernel` as fused_linear's backward launches it: a weight gradient of Llama 3 8B's
+    lm_head (128256 x 4096) times a scalar grad_output."""
+    x = torch.empty(STREAMED_V * 4096, dtype=dtype, device="meta")
+    constexprs = {k: v for k, v in SCALE_LAUNCH.items() if k != "num_warps"}
+    args = (x, x.numel(), torch.empty(1, device="meta"))
+    yield f"scale n={x.numel()} {_describe(constexprs)}", _scale_kernel, args, SCALE_LAUNCH
 
 
 def _logits(n_vocab, dtype, layout):
@@ -152,19 +173,29 @@ def resources(kernel, arch):
 
 
 def widest_load_bytes(ptx, elem_bits):
-    """Widest global load in the PTX of elements of elem_bits or wider (the logits; the per-row
-    int64 / fp32 vectors load one value per row), in bytes."""
+    """Widest global load in the PTX (the logits; the per-row int64 / fp32 vectors load one value
+    per row), in bytes: ld.global into registers, or cp.async from global into shared memory
+    (the software pipeline's prefetch)."""
     widest = 0
     for vec, bits in re.findall(r"ld\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.b(\d+)\s", ptx):
         widest = max(widest, int(vec or 1) * int(bits) // 8)
+    for size in re.findall(r"cp\.async\.\w+\.shared\.global[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)", ptx):
+        widest = max(widest, int(size, 0))
     return widest
 
 
-def check_all(archs=ARCHS, dtypes=DTYPES):
-    """One result dict per compiled kernel: every case, dtype and arch."""
+def cache_hints(ptx):
+    """The L1 / L2 eviction policies the PTX asks for (ld/st qualifiers and createpolicy), sorted."""
+    return sorted(set(re.findall(r"L[12]::evict_\w+", ptx)))
+
+
+def check_all(archs=ARCHS, dtypes=DTYPES, match=None):
+    """One result dict per compiled kernel: every case (whose name contains `match`), dtype and arch."""
     results = []
     for arch, (dtype_name, dtype) in itertools.product(archs, dtypes.items()):
-        for name, fn, args, kwargs in itertools.chain(loss_cases(dtype, arch), grad_cases(dtype)):
+        for name, fn, args, kwargs in itertools.chain(loss_cases(dtype, arch), grad_cases(dtype), scale_cases(dtype)):
+            if match and match not in name:
+                continue
             kernel = compile_case(fn, args, kwargs, arch)
             results.append(
                 dict(
@@ -174,6 +205,7 @@ def check_all(archs=ARCHS, dtypes=DTYPES):
                     num_warps=kernel.metadata.num_warps,
                     **resources(kernel, arch),
                     load_bytes=widest_load_bytes(kernel.asm["ptx"], torch.finfo(dtype).bits),
+                    hints=cache_hints(kernel.asm["ptx"]),
                 )
             )
             print(format_result(results[-1]), flush=True)
@@ -183,7 +215,8 @@ def check_all(archs=ARCHS, dtypes=DTYPES):
 def format_result(r):
     return (
         f"{r['arch']} {r['dtype']:4} {r['case']:88} warps {r['num_warps']:2}  regs {r['registers']:3}  spills "
-        f"{r['spill_bytes']:4}  stack {r['stack_bytes']:3}  shared {r['shared_bytes']:4}  load {r['load_bytes']} B"
+        f"{r['spill_bytes']:4}  stack {r['stack_bytes']:3}  shared {r['shared_bytes']:6}  load {r['load_bytes']:2} B  "
+        f"hints {','.join(r['hints']) or '-'}"
     )
 
 
@@ -196,7 +229,7 @@ def probe(archs=ARCHS):
     where does it start to spill? This is how ONE_READ_MAX was chosen."""
     for arch, dtype_name, k, warps in itertools.product(archs, ("bf16", "fp32"), range(13, 18), (8, 16, 32)):
         block_v = 1 << k
-        config = triton.Config(dict(ONE_READ=True, ROWS=1, BLOCK_V=block_v, PER_SM=0), num_warps=warps)
+        config = triton.Config(dict(ONE_READ=True, ROWS=1, BLOCK_V=block_v, PER_SM=0, STAGES=1), num_warps=warps)
         logits = _logits(one_read_vocab(block_v), DTYPES[dtype_name], "2d")
         rows = logits.shape[0]
         vectors = [torch.empty(rows, device="meta") for _ in range(2)]
@@ -220,13 +253,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", metavar="FILE", help="also write the results to FILE")
     p.add_argument("--probe", action="store_true", help="find where the one-read path spills")
+    p.add_argument("--match", metavar="TEXT", help="only the cases whose description contains TEXT")
     args = p.parse_args(argv)
     if _INTERPRETED:
         sys.exit("kernels.compile_check: unset TRITON_INTERPRET; interpreted kernels cannot be compiled")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's default, stated to keep 3.9 quiet
     if args.probe:
         return probe()
-    results = check_all()
+    results = check_all(match=args.match)
     if args.json:
         write_json(args.json, dict(triton=triton.__version__, results=results))
 

@@ -60,15 +60,21 @@ Bytes moved on a GPU (2-byte logits, N rows, V columns, training):
                            V = 128256 (256.5 KB a row) on an H200 (50 MiB L2, 132 SMs):
                            P = min(132, 25 MiB / 256.5 KB = 102) = 102 rows in flight, so
                            DRAM sees 4·N·V bytes; each program must then draw 4.8 TB/s / 102
-                           = 47 GB/s. Pass 1 loads with evict_last, pass 2 with evict_first
-                           and walks the row backwards: what pass 1 read last comes first.
-    eval (no gradient)     one read: 2·N·V bytes.
+                           = 47 GB/s, which needs loads in flight, not barriers: pass 1
+                           keeps a running max and sum per lane and reduces once per row,
+                           with the next blocks prefetched (`_lse_streamed` has the arithmetic).
+                           Pass 1 loads with evict_last, pass 2 with evict_first and walks
+                           the row backwards: what pass 1 read last comes first.
+    eval (no gradient)     one read: 2·N·V bytes, with no eviction hint and the full grid
+                           (every SM: nothing waits in L2 for a second read).
 
 Launch parameters come from `triton.autotune` over `LOSS_CONFIGS` (pruned by V and the GPU:
-the one-read path has one config per width, the streamed one four; tuned per V and dtype,
-timed on the GPU at first use); `_pt_grad_kernel`, which may write over its own input, takes `GRAD_LAUNCH`
-instead (autotuning it would need a copy of the buffer, the memory fused_linear exists to
-save). `python -m kernels.compile_check` compiles all of them for sm_80 and sm_90.
+the one-read path has one config per width, the streamed one four), keyed by V, WRITE_GRAD and
+the dtypes: every compile-time switch the launcher sets, so the forward with and without the
+gradient are tuned apart (timed on the GPU at first use). `_pt_grad_kernel`, which may write
+over its own input, takes `GRAD_LAUNCH` instead (autotuning it would need a copy of the buffer,
+the memory fused_linear exists to save). `python -m kernels.compile_check` compiles all of them
+for sm_80 and sm_90.
 
 Without CUDA the same math runs as the Triton kernels under TRITON_INTERPRET=1 (tests), or
 otherwise as chunked PyTorch (`_token_losses_torch`), which gives the same results.
@@ -103,27 +109,42 @@ _ROUND_BY_HAND = tl.constexpr(_INTERPRETED)
 ONE_READ_MAX = {80: 32768, 90: 16384}
 _ONE_READ_MIN = 1024  # narrower rows are padded to this: 4 warps x 32 threads x 8 values, 16-byte loads
 
-# Streamed rows: (BLOCK_V, num_warps, programs per SM). A program reads BLOCK_V logits per step;
-# 8 to 32 values per thread keeps the loads 16 bytes wide and enough bytes in flight. Exactly
-# PER_SM programs share an SM, so each thread may have 65536 / (32 · num_warps · PER_SM) registers
-# (maxnreg; left to itself ptxas aims at more programs per SM, and spilled for it).
-_STREAMED = [(4096, 8, 2), (8192, 16, 1), (16384, 16, 1), (16384, 32, 1)]
+# Streamed rows: (BLOCK_V, num_warps, programs per SM, STAGES). A program reads BLOCK_V logits per step;
+# 8 or 16 values per thread keeps the loads 16 bytes wide, and leaves room for the per-lane running
+# max and sum (2 more fp32 values per loaded one). Exactly PER_SM programs share an SM, so each
+# thread may have 65536 / (32 · num_warps · PER_SM) registers, 128 here (maxnreg; left to itself
+# ptxas aims at more programs per SM, and spilled for it). STAGES is the software pipeline's depth
+# (`tl.range(..., num_stages=STAGES)`): the blocks in flight are staged in shared memory
+# ((STAGES - 1) · BLOCK_V · element bytes, 64 KB at most here, PER_SM programs sharing 164 KB on
+# sm_80, 228 KB on sm_90). Measured with the compile check: 32 values per thread spill on sm_90
+# once the lanes keep their own statistics, and so does STAGES 4 at 16 values.
+_STREAMED = [(2048, 4, 4, 3), (4096, 8, 2, 3), (4096, 16, 1, 3), (8192, 16, 1, 3)]
 
 LOSS_CONFIGS = [
-    triton.Config(dict(ONE_READ=True, ROWS=1, BLOCK_V=1 << k, PER_SM=0), num_warps=min(32, max(4, (1 << k) // 512)))
+    triton.Config(
+        dict(ONE_READ=True, ROWS=1, BLOCK_V=1 << k, PER_SM=0, STAGES=1), num_warps=min(32, max(4, (1 << k) // 512))
+    )
     for k in range(_ONE_READ_MIN.bit_length() - 1, max(ONE_READ_MAX.values()).bit_length())
 ] + [
-    triton.Config(dict(ONE_READ=False, ROWS=1, BLOCK_V=b, PER_SM=s), num_warps=w, maxnreg=min(255, 2048 // (w * s)))
-    for b, w, s in _STREAMED
+    triton.Config(
+        dict(ONE_READ=False, ROWS=1, BLOCK_V=b, PER_SM=s, STAGES=n), num_warps=w, maxnreg=min(255, 2048 // (w * s))
+    )
+    for b, w, s, n in _STREAMED
 ]
 
-# `_pt_grad_kernel`: one read and one write per element, no reuse: 16 KB of logits per step.
+# `_pt_grad_kernel`: one read and one write per element, no reuse: 16 KB of logits per step,
+# the next block's read issued while this one is written (STAGES 2).
 GRAD_LAUNCH = {
-    2: dict(ROWS=1, BLOCK_V=8192, num_warps=16, PER_SM=2),
-    4: dict(ROWS=1, BLOCK_V=4096, num_warps=16, PER_SM=2),
+    2: dict(ROWS=1, BLOCK_V=8192, num_warps=16, PER_SM=2, STAGES=2),
+    4: dict(ROWS=1, BLOCK_V=4096, num_warps=16, PER_SM=2, STAGES=2),
 }
 
 _L2_SHARE = 0.5  # of L2 for rows waiting for their second read; the rest for gradient writes
+
+# Under the interpreter (CPU tests): the streamed path's block width, and a cap on the grid that
+# makes it persistent (None: one program per tile). Tests shrink both to reach, on small inputs,
+# the cases a GPU meets at V = 128256: many blocks per row, several tiles per program.
+INTERPRETER_LAUNCH = {"stream_block": 4096, "max_programs": None}
 
 
 def one_read_width(n_vocab, capability=None):
@@ -145,9 +166,9 @@ def _interpreter_config(n_vocab):
     """Under the interpreter the cost is per program and per loop step, not per byte: tiles of
     several rows, the same choice of path as on a GPU (with the smallest on-chip limit)."""
     width = one_read_width(n_vocab)
-    block = width or 4096
+    block = width or INTERPRETER_LAUNCH["stream_block"]
     rows = min(16, max(1, 65536 // block))
-    return triton.Config(dict(ONE_READ=width is not None, ROWS=rows, BLOCK_V=block, PER_SM=0))
+    return triton.Config(dict(ONE_READ=width is not None, ROWS=rows, BLOCK_V=block, PER_SM=0, STAGES=2))
 
 
 def choose_loss_configs(n_vocab, capability):
@@ -172,12 +193,29 @@ def _device_caps(index):
     return props.multi_processor_count, props.L2_cache_size
 
 
-def _programs(n_tiles, meta, device, row_bytes=None):
-    """Grid size. PER_SM = 0: one program per tile. Else persistent: no more programs than the
-    SMs hold at once, nor (given row_bytes) more rows in flight than fit in _L2_SHARE of L2."""
-    if meta["PER_SM"] == 0 or device.type != "cuda":
+def device_caps(device):
+    """(SM count, L2 bytes) of a CUDA device; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return _device_caps(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def grid_size(n_tiles, meta, caps, row_bytes=None):
+    """Programs to launch for n_tiles tiles of meta["ROWS"] rows, on a GPU of caps = (SMs, L2 bytes).
+
+    PER_SM = 0: one program per tile. Else persistent: no more programs than the SMs hold at
+    once (SMs x PER_SM), and, given row_bytes (the streamed forward that writes the gradient,
+    whose pass 2 re-reads each row from L2), no more rows in flight than fit in _L2_SHARE of L2.
+    A forward without gradient reads each row once and gets the full grid: on an H100 at
+    V = 128256 that is 132 programs where the L2 cap would leave 102 (and 30 SMs idle).
+    caps None (no GPU): one program per tile, capped by INTERPRETER_LAUNCH["max_programs"].
+    """
+    if caps is None:
+        cap = INTERPRETER_LAUNCH["max_programs"] if _INTERPRETED else None
+        return max(1, min(n_tiles, cap or n_tiles))
+    if meta["PER_SM"] == 0:
         return n_tiles
-    sms, l2_bytes = _device_caps(device.index if device.index is not None else torch.cuda.current_device())
+    sms, l2_bytes = caps
     programs = min(n_tiles, sms * meta["PER_SM"])
     if row_bytes is not None:
         programs = min(programs, int(l2_bytes * _L2_SHARE) // (meta["ROWS"] * row_bytes))
@@ -267,6 +305,18 @@ def _row_results(logits_ptr, row_start, rows, in_batch, y, is_ut, active, lse_ex
 
 
 @triton.jit
+def _load_logits(ptrs, mask, WRITE_GRAD: tl.constexpr, HINT: tl.constexpr):
+    """Logits at ptrs (-inf where masked). Only a pass that writes the gradient steers L2 (HINT:
+    evict_first for lines read for the last time, evict_last for rows pass 2 reads again); a
+    forward without gradient reads every line once and leaves L2 to the hardware."""
+    if WRITE_GRAD:
+        z = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy=HINT)
+    else:
+        z = tl.load(ptrs, mask=mask, other=float("-inf"))
+    return z
+
+
+@triton.jit
 def _held_row_pass(
     logits_ptr, grad_ptr, weights_ptr, loss_ptr, stats_ptr, rows, in_batch, y, is_ut, active,
     row_start, grad_start, n_vocab, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -274,12 +324,8 @@ def _held_row_pass(
     """One read: the whole row in registers; its exponentials, rescaled, are the gradient."""
     cols = tl.arange(0, BLOCK_V)
     in_vocab = cols[None, :] < n_vocab
-    z = tl.load(
-        logits_ptr + row_start[:, None] + cols[None, :],
-        mask=active[:, None] & in_vocab,
-        other=float("-inf"),
-        eviction_policy="evict_first",
-    )
+    ptrs = logits_ptr + row_start[:, None] + cols[None, :]
+    z = _load_logits(ptrs, active[:, None] & in_vocab, WRITE_GRAD, "evict_first")
     # (The target is dropped after the load: a mask that varies inside a vector of columns
     # would stop the loads from being vectorised.)
     z_ex = tl.where(cols[None, :] == y[:, None], float("-inf"), z.to(tl.float32))  # (ROWS, BLOCK_V)
@@ -303,33 +349,59 @@ def _held_row_pass(
 
 
 @triton.jit
-def _lse_streamed(logits_ptr, row_start, y, active, n_vocab, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Pass 1 over a row too wide to hold: lse_ex by an online max and sum, BLOCK_V columns at a time.
-    Loads keep their lines in L2 (evict_last) for pass 2."""
+def _lse_streamed(
+    logits_ptr, row_start, y, active, n_vocab,
+    WRITE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    """Pass 1 over a row too wide to hold: lse_ex = log sum_{j != y} exp(z_j), BLOCK_V columns a step.
+
+    Each lane (column position k of the block) keeps its own running max m_k and sum
+    d_k = sum exp(z_j - m_k) over the columns j = k, k + BLOCK_V, k + 2·BLOCK_V, ... it has seen.
+    A step is elementwise: with t = exp(-|z - m_k|),
+
+        z > m_k:   d_k <- d_k · t + 1,  m_k <- z       (the old terms rescaled to the new max)
+        else:      d_k <- d_k + t                      (one exponential per element either way)
+
+    and the row is reduced once, after the last step: M = max_k m_k, D = sum_k d_k · exp(m_k - M),
+    lse_ex = M + log D. Arithmetic at V = 128256, bf16, BLOCK_V = 8192 (16 warps, 16 values per
+    thread): 16 steps of 16 KB. A reduction across the block is a warp shuffle tree, a store to
+    shared memory, a barrier, a second tree and another barrier: 2 barriers. Reducing max and sum
+    at every step cost 4 barriers a step, 64 a row, and each step's load waited for the last
+    step's reductions, so a program had 16 KB in flight at a time: ~16 KB per ~1 µs of DRAM
+    latency, 1.6 TB/s for 102 programs, a third of an H200. Now the loop has no barrier (4 a
+    row, at the end) and `tl.range(num_stages=STAGES)` issues the loads of the next STAGES - 1
+    blocks (through shared memory, cp.async) while one is reduced: with STAGES = 3, 32 KB in
+    flight per program, ~3.3 TB/s for 102 programs at the same latency, ~4.5 TB/s for 132
+    (a forward without gradient, whose grid is not capped by L2). The cost: m and d in
+    registers, 2 x 16 fp32 values per thread here.
+    Loads keep their lines in L2 (evict_last) for pass 2 when the gradient follows.
+    """
     cols0 = tl.arange(0, BLOCK_V)
-    m_ex = tl.full([ROWS], -1.0e30, tl.float32)  # starts finite: exp(-inf - m_ex) is 0, never NaN
-    d_ex = tl.zeros([ROWS], tl.float32)  # sum_{j != y} exp(z_j - m_ex)
-    for v0 in range(0, n_vocab, BLOCK_V):
+    m = tl.full([ROWS, BLOCK_V], -1.0e30, tl.float32)  # starts finite: exp(-inf - m) is 0, never NaN
+    d = tl.zeros([ROWS, BLOCK_V], tl.float32)
+    for v0 in tl.range(0, n_vocab, BLOCK_V, num_stages=STAGES):
         cols = v0 + cols0
         mask = active[:, None] & (cols[None, :] < n_vocab)
-        ptrs = logits_ptr + row_start[:, None] + cols[None, :]
-        z = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy="evict_last")
+        z = _load_logits(logits_ptr + row_start[:, None] + cols[None, :], mask, WRITE_GRAD, "evict_last")
         z = tl.where(cols[None, :] == y[:, None], float("-inf"), z.to(tl.float32))  # (ROWS, BLOCK_V)
-        m_new = tl.maximum(m_ex, tl.max(z, axis=1))
-        d_ex = d_ex * tl.exp(m_ex - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m_ex = m_new
+        t = tl.exp(-tl.abs(z - m))  # 0 for z = -inf (masked, the target, past the row)
+        d = tl.where(z > m, d * t + 1.0, d + t)
+        m = tl.maximum(m, z)
+    m_ex = tl.max(m, axis=1)  # >= -1e30
+    d_ex = tl.sum(d * tl.exp(m - m_ex[:, None]), axis=1)
     return _lse_from(m_ex, d_ex)
 
 
 @triton.jit
 def _write_grad_blocks(
     logits_ptr, grad_ptr, row_start, grad_start, y, read, write, c, coef, g_y, n_cols, n_blocks,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Write coef * exp(z_j - c) (g_y at the target) over the first n_blocks blocks of n_cols
-    columns, last block first. Rows not `read` load nothing (ignored rows: zeros are written)."""
+    columns, last block first, the next block's read in flight while one is written (STAGES).
+    Rows not `read` load nothing (ignored rows: zeros are written)."""
     cols0 = tl.arange(0, BLOCK_V)
-    for b in range(0, n_blocks):
+    for b in tl.range(0, n_blocks, num_stages=STAGES):
         cols = (n_blocks - 1 - b) * BLOCK_V + cols0
         in_cols = cols[None, :] < n_cols
         z = tl.load(
@@ -347,30 +419,21 @@ def _write_grad_blocks(
         )
 
 
-@triton.autotune(configs=LOSS_CONFIGS, key=["n_vocab"], prune_configs_by={"early_config_prune": _prune_loss_configs})
+# Autotuned per (V, WRITE_GRAD, dtypes): with and without the gradient the kernel is a different
+# program (a second pass, other eviction hints, another grid), so each variant is timed for itself.
+@triton.autotune(
+    configs=LOSS_CONFIGS,
+    key=["n_vocab", "WRITE_GRAD"],
+    prune_configs_by={"early_config_prune": _prune_loss_configs},
+)
 @triton.jit
 def _pt_loss_kernel(
-    logits_ptr,
-    grad_ptr,
-    targets_ptr,
-    is_ut_ptr,
-    weights_ptr,
-    loss_ptr,
-    stats_ptr,
-    n_rows,
-    n_vocab,
-    ignore_index,
-    seq_len,
-    stride_seq,
-    stride_row,
-    grad_stride_seq,
-    grad_stride_row,
-    WRITE_GRAD: tl.constexpr,
-    ONE_READ: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    PER_SM: tl.constexpr,  # read by the launcher's grid (`_programs`), not here
-):
+    logits_ptr, grad_ptr, targets_ptr, is_ut_ptr, weights_ptr, loss_ptr, stats_ptr,
+    n_rows, n_vocab, ignore_index, seq_len, stride_seq, stride_row, grad_stride_seq, grad_stride_row,
+    WRITE_GRAD: tl.constexpr, ONE_READ: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    PER_SM: tl.constexpr,  # read by the launcher's grid (`grid_size`), not here
+    STAGES: tl.constexpr,
+):  # fmt: skip
     """Loss and stats of every row and, with WRITE_GRAD, its gradient weighted by the row's
     token weight. Each program takes tiles of ROWS rows in turn (a persistent grid)."""
     for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
@@ -390,7 +453,7 @@ def _pt_loss_kernel(
             )  # fmt: skip
         else:
             # 2b. Wider rows: lse_ex in pass 1, the gradient in pass 2 (from L2, if the grid allows)
-            lse_ex, has_ex = _lse_streamed(logits_ptr, row_start, y, active, n_vocab, ROWS, BLOCK_V)
+            lse_ex, has_ex = _lse_streamed(logits_ptr, row_start, y, active, n_vocab, WRITE_GRAD, ROWS, BLOCK_V, STAGES)
             c, coef, g_y = _row_results(
                 logits_ptr, row_start, rows, in_batch, y, is_ut, active, lse_ex, has_ex, n_vocab, loss_ptr, stats_ptr
             )
@@ -399,7 +462,7 @@ def _pt_loss_kernel(
                 n_blocks = tl.cdiv(n_vocab, BLOCK_V)
                 _write_grad_blocks(
                     logits_ptr, grad_ptr, row_start, grad_start, y, active, in_batch, c, w * coef, w * g_y,
-                    n_vocab, n_blocks, BLOCK_V,
+                    n_vocab, n_blocks, BLOCK_V, STAGES,
                 )  # fmt: skip
 
 
@@ -427,7 +490,8 @@ def _pt_grad_kernel(
     SKIP_UNIT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    PER_SM: tl.constexpr,  # read by the launcher's grid (`_programs`), not here
+    PER_SM: tl.constexpr,  # read by the launcher's grid (`grid_size`), not here
+    STAGES: tl.constexpr,
 ):
     """Write the gradient of columns [col0, col0 + n_cols) of every row, weighted by
     w * grad_output (go_stride 0: one scalar grad_output). With SKIP_UNIT, rows whose
@@ -453,7 +517,7 @@ def _pt_grad_kernel(
         live = in_batch & (w * coef != 0.0)  # ignored rows: write zeros, read nothing
         _write_grad_blocks(
             logits_ptr, grad_ptr, row_start, grad_start, y, live, in_batch, c, w * coef, w * g_y,
-            n_cols, n_blocks, BLOCK_V,
+            n_cols, n_blocks, BLOCK_V, STAGES,
         )  # fmt: skip
 
 
@@ -491,9 +555,9 @@ def grad_kernel_args(logits, col0, targets, stats, weights, grad_output, grad, s
 
 
 def grad_launch(elem_size):
-    """`_pt_grad_kernel`'s (ROWS, BLOCK_V, num_warps, PER_SM) for logits of this element size."""
+    """`_pt_grad_kernel`'s (ROWS, BLOCK_V, num_warps, PER_SM, STAGES) for logits of this element size."""
     if _INTERPRETED:
-        return dict(ROWS=16, BLOCK_V=1024, num_warps=4, PER_SM=0)
+        return dict(ROWS=16, BLOCK_V=1024, num_warps=4, PER_SM=0, STAGES=2)
     return GRAD_LAUNCH[min(elem_size, 4)]
 
 
@@ -504,7 +568,8 @@ def _token_losses_triton(logits, targets, is_ut, ignore_index, stats, weights, g
     if n_rows == 0:
         return token_loss
     args, flags = loss_kernel_args(logits, targets, is_ut, ignore_index, stats, weights, grad, token_loss)
-    grid = lambda meta: (_programs(triton.cdiv(n_rows, meta["ROWS"]), meta, logits.device, row_bytes),)
+    caps, l2_bound = device_caps(logits.device), row_bytes if grad is not None else None
+    grid = lambda meta: (grid_size(triton.cdiv(n_rows, meta["ROWS"]), meta, caps, l2_bound),)
     _pt_loss_kernel[grid](*args, **flags)
     return token_loss
 
@@ -516,7 +581,7 @@ def _grads_from_stats_triton(logits, col0, targets, stats, weights, grad_output,
         return
     launch = grad_launch(logits.element_size())
     args, flags = grad_kernel_args(logits, col0, targets, stats, weights, grad_output, grad, skip_unit)
-    grid = (_programs(triton.cdiv(n_rows, launch["ROWS"]), launch, logits.device),)
+    grid = (grid_size(triton.cdiv(n_rows, launch["ROWS"]), launch, device_caps(logits.device)),)
     _pt_grad_kernel[grid](*args, **flags, **launch)
 
 

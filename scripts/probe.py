@@ -57,11 +57,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.cli import POSITIVE, POSITIVE_FLOAT, Parser, number  # noqa: E402
-from data.dataset import DatasetError, load_records, spans_to_token_mask  # noqa: E402
-from data.errors import UserError, one_line_errors  # noqa: E402
-from data.files import check_output_dir, pyplot, read_jsonl, save_figure, write_json  # noqa: E402
-from evaluation import load_prompts  # noqa: E402
+from common.charts import pyplot, save_figure  # noqa: E402
+from common.cli import POSITIVE, POSITIVE_FLOAT, Parser, number  # noqa: E402
+from common.errors import UserError, one_line_errors  # noqa: E402
+from common.files import check_output_dir, write_json  # noqa: E402
+from common.progress import log  # noqa: E402
+from data.dataset import load_records, read_records, spans_to_token_mask  # noqa: E402
+from data.prompt_sets import load_prompts  # noqa: E402
+from data.public import overlapping_prompts  # noqa: E402
 from generate import load  # noqa: E402
 from ptalign import GATE_DROPPED  # noqa: E402
 
@@ -106,8 +109,7 @@ def dataset_questions(path: Path, questions: str) -> tuple[list[str], list[str]]
     if questions == "kept":
         records = load_records(path)
     else:
-        load_records(path)  # the same checks of the file
-        records = [r for _, r in read_jsonl(path, DatasetError, "dataset") if r.get("dropped") != GATE_DROPPED]
+        records = [r for _, r in read_records(path) if r.get("dropped") != GATE_DROPPED]
     harmful = [r["question"] for r in records if r.get("kind") != "anchor"]
     return harmful, [r["question"] for r in records if r.get("kind") == "anchor"]
 
@@ -134,9 +136,8 @@ def check_sets(fit: PromptSet, scored: list[PromptSet]) -> None:
 
 
 def overlap(fit: PromptSet, s: PromptSet) -> int:
-    """How many of a scoring set's prompts (case and outer spaces ignored) are in the fit set."""
-    seen = {p.strip().lower() for p in fit.harmful + fit.benign}
-    return sum(p.strip().lower() in seen for p in s.harmful + s.benign)
+    """How many of a scoring set's prompts are in the fit set (as data.public compares prompts)."""
+    return len(overlapping_prompts(s.harmful + s.benign, fit.harmful + fit.benign))
 
 
 # -----------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def features(model, tok, prompts: list[str], batch_size: int, embeddings: bool) 
         for j, i in enumerate(rows):
             out["last"][i] = h[:, j, len(encoded[i][0]) - 1]
             out["mean"][i] = mean[:, j]
-        print(f"  features: {min(start + batch_size, len(order))}/{len(order)} prompts", file=sys.stderr, flush=True)
+        log(f"  features: {min(start + batch_size, len(order))}/{len(order)} prompts")
     return {k: torch.stack(v, 1).numpy() for k, v in out.items()}
 
 
@@ -474,9 +475,9 @@ def main(argv=None) -> dict:
         report = run(args)
     for s in report["scored"]:
         if s["overlap_with_fit"]:
-            print(f"note: {s['overlap_with_fit']} prompts of {s['name']} are in the fit set too.", file=sys.stderr)
+            log(f"note: {s['overlap_with_fit']} prompts of {s['name']} are in the fit set too.")
     print(table(report["rows"], [s["name"] for s in report["scored"]], args.top))
-    print(f"\n[{report['seconds']:.0f} s; every layer in {Path(args.out) / 'probe.json'}]", file=sys.stderr)
+    log(f"\n[{report['seconds']:.0f} s; every layer in {Path(args.out) / 'probe.json'}]")
     return report
 
 

@@ -5,7 +5,7 @@ ptxas, specialised with the divisibility hints a launch passes (kernels/compile_
 
 conftest.py sets TRITON_INTERPRET=1, under which @triton.jit functions are interpreted and
 cannot be compiled, so the check runs in a subprocess without it. The first run compiles about
-200 kernels (a minute or two on two cores); Triton's cache makes later runs fast.
+220 kernels (a few minutes on two cores); Triton's cache makes later runs fast.
 """
 
 import json
@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from kernels.compile_check import ARCHS, DTYPES
+from kernels.compile_check import ARCHS, DTYPES, ODD_V
 from kernels.pt_loss import LOSS_CONFIGS, ONE_READ_MAX
+
+SHARED_PER_SM = {80: 163 * 1024, 90: 227 * 1024}  # shared memory a block may use, by compute capability
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,13 +52,46 @@ def test_every_choice_compiles_for_every_arch_and_dtype(compiled):
             label = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
             found = [c for c in cases if c.startswith("loss") and c.endswith(label)]
             assert bool(found) == expected, (arch, label)
+            odd = [c for c in found if f"V={ODD_V} " in c]
+            assert len(odd) == (0 if one_read else 2), (arch, label)  # odd V, streamed: with and without gradient
         assert sum(c.startswith("grad") for c in cases) == 4  # backward skipping 1s, in place; scalar, per token
+        assert sum(c.startswith("scale") for c in cases) == 1  # fused_linear's grad_output
 
 
 def test_logits_are_read_16_bytes_at_a_time(compiled):
-    """ld.global.v4.b32 (8 bf16 / 4 fp32 values) or wider, in every kernel."""
-    narrow = [(r["arch"], r["dtype"], r["case"], r["load_bytes"]) for r in compiled if r["load_bytes"] < 16]
+    """ld.global.v4.b32 (8 bf16 / 4 fp32 values), a 16-byte cp.async or wider, in every kernel
+    whose rows are 16-byte aligned; an odd V compiles, to narrower loads."""
+    narrow = [
+        (r["arch"], r["dtype"], r["case"], r["load_bytes"])
+        for r in compiled
+        if r["load_bytes"] < 16 and f"V={ODD_V} " not in r["case"]
+    ]
     assert not narrow
+
+
+def test_forward_without_gradient_gives_no_cache_hint(compiled):
+    """Only a pass that writes the gradient steers L2: evict_first for lines read for the last
+    time and, streamed, evict_last for the rows pass 2 reads again. (On sm_80 Triton 3.9 issues
+    the prefetched loads as cp.async without the evict_last policy; sm_90 keeps it.)"""
+    for r in compiled:
+        if r["case"].startswith("loss") and " no-grad " in r["case"]:
+            assert r["hints"] == [], r["case"]
+        elif r["case"].startswith("loss"):
+            assert "L2::evict_first" in r["hints"], (r["arch"], r["case"])
+            if "ONE_READ=False" in r["case"] and r["arch"] == "sm_90":
+                assert "L2::evict_last" in r["hints"], (r["arch"], r["case"])
+
+
+def test_streamed_pass_prefetches_within_shared_memory(compiled):
+    """The streamed loops are software-pipelined (shared memory holds the blocks in flight) where
+    rows are aligned, and PER_SM programs fit in an SM's shared memory together."""
+    for r in compiled:
+        if "STAGES=" not in r["case"] or "ONE_READ=True" in r["case"]:
+            continue
+        per_sm = int(r["case"].split("PER_SM=")[1].split()[0]) or 1
+        assert r["shared_bytes"] * per_sm <= SHARED_PER_SM[int(r["arch"][3:])], (r["arch"], r["case"])
+        if f"V={ODD_V} " not in r["case"]:
+            assert r["shared_bytes"] > 0, (r["arch"], r["dtype"], r["case"])
 
 
 def test_nothing_spills(compiled):

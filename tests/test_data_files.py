@@ -241,3 +241,49 @@ def test_span_gold_set():
         assert r["harmful"] and all(_nonempty_str(p) and p in r["toxic"] for p in r["harmful"]), r["id"]
         assert not re.search(r"\d", r["toxic"]), r["id"]
         assert not re.search(r"\bsteps?\b|\bfirst,|\bthen\b", r["toxic"], re.I), r["id"]
+
+
+def _count(name, keep=lambda r: True):
+    return sum(1 for r in load_jsonl(name) if keep(r))
+
+
+def _late(r):
+    return int(r["id"].rsplit("-", 1)[1]) > 117  # benign-118... : the dangerous-sounding kinds added last
+
+
+def test_readme_states_the_files_counts():
+    """Every count data/README.md states is read from the files: the page cannot go stale."""
+    text = " ".join((DATA / "README.md").read_text(encoding="utf-8").split())
+    seeds = load_seeds()
+    sounds = lambda r: r["sounds_dangerous"]
+    has_reference = lambda r: r["reference"] is not None
+    stated = [
+        f"the seed annotations ({count_seed_items(seeds)} items, fewer than 50)",
+        f"| **total** | **{count_seed_items(seeds)}** |",
+        f"| `exemplars` | {len(seeds['exemplars'])} (",
+        f"| `categories` | {len(seeds['categories'])} |",
+        f"| example questions (2 per category) | {sum(len(c['examples']) for c in seeds['categories'])} |",
+        f"| `principles` | {len(seeds['principles'])} |",
+        f"| `toxic_traits` | {len(seeds['toxic_traits'])} |",
+        f"| `benign_examples` | {len(seeds['benign_examples'])} |",
+        f"held-out harmful requests ({_count('eval_harmful.jsonl')})",
+        f"In the seed categories: {_count('eval_harmful.jsonl', lambda r: r['in_seed_category'])} prompts",
+        f"Beyond them: {_count('eval_harmful.jsonl', lambda r: not r['in_seed_category'])} prompts",
+        f"benign requests ({_count('eval_benign.jsonl')})",
+        f"`sounds_dangerous: true` on {_count('eval_benign.jsonl', sounds)} records**, "
+        f"{_count('eval_benign.jsonl', lambda r: sounds(r) and not _late(r))} of the first "
+        f"{_count('eval_benign.jsonl', lambda r: not _late(r))} and all of the last "
+        f"{_count('eval_benign.jsonl', _late)}",
+        f"The other {_count('eval_benign.jsonl', lambda r: not sounds(r))} are ordinary",
+        f"`reference` is set on {_count('eval_benign.jsonl', has_reference)} records** "
+        f"({_count('eval_benign.jsonl', lambda r: has_reference(r) and not _late(r))} of the first",
+        f"`dev_harmful.jsonl` ({_count('dev_harmful.jsonl')}), `dev_benign.jsonl` ({_count('dev_benign.jsonl')})",
+        f"{_count('dev_harmful.jsonl', lambda r: r['in_seed_category'])} of the harmful prompts are in the seed",
+        f"In `dev_benign`, {_count('dev_benign.jsonl', sounds)} prompts are dangerous-sounding",
+        f"and {_count('dev_benign.jsonl', lambda r: not sounds(r))} ordinary ones; "
+        f"{_count('dev_benign.jsonl', has_reference)} have a reference",
+        f"hand-marked harmful words ({_count('span_gold.jsonl')})",
+    ]
+    assert all(sounds(r) and has_reference(r) for r in load_jsonl("eval_benign.jsonl") if _late(r))  # "all of the last"
+    missing = [claim for claim in stated if claim not in text]
+    assert not missing, f"data/README.md does not state: {missing}"

@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 from test_ptalign import generate_argv, generate_cli
 from test_train import run_train, steps_of
 
+import commands
 import lora
-import ptalign
 from model import Transformer
 
 # test_train's fixtures: its tiny 2-layer Llama, its 4-record dataset, the loss on one thread.
@@ -151,7 +151,7 @@ def test_generation_on_two_ranks_writes_the_records_of_one(tiny_dir, tmp_path):
 def test_evaluation_on_two_ranks_equals_one(tiny_dir, data4, tmp_path):
     argv = ["eval", "--model", tiny_dir, "--limit", "5", "--max-new-tokens", "4", "--batch-size", "2"]
     argv += ["--dataset", data4]
-    ptalign.main([*map(str, argv), "--out", str(tmp_path / "one.json")])
+    commands.main([*map(str, argv), "--out", str(tmp_path / "one.json")])
     result = torchrun("ptalign", *argv, "--out", tmp_path / "two.json")
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{x}.json").read_text()) for x in ("one", "two"))

@@ -6,7 +6,7 @@ resume), each answered with its exit code (2 for a flag, 1 for the rest), one li
 file, flag or value, no traceback, and every file that existed before byte for byte as it was.
 Most cases call the CLI's main() in process, as the interpreter would run it; a representative
 set runs the real scripts as subprocesses. Then interruptions: Ctrl-C (a real SIGINT) and
-SIGKILL at chosen moments of training (PTALIGN_FAIL_AT, data/errors.py), each resumed to the
+SIGKILL at chosen moments of training (PTALIGN_FAIL_AT, common/errors.py), each resumed to the
 uninterrupted run's checkpoint. (The dataset stage's interruption: test_ptalign.py.)
 """
 
@@ -25,21 +25,21 @@ import test_ptalign
 import test_train
 from safetensors.torch import load_file
 
+import commands
 import generate
 import kernels.bench
-import ptalign
 import train
-from data.files import TEMP_NAME, remove_stale_temps, temp_path
+from common.files import TEMP_NAME, remove_stale_temps, temp_path
 from model import CheckpointError
 
 # Fixtures of the other test modules: one intra-op thread, a random one-layer LLaMA with the default
 # model's tokenizer, and the fused loss's PyTorch path (the Triton interpreter takes seconds a step).
-one_thread, tiny_dir, loss_in_pytorch = test_ptalign.one_thread, test_ptalign.tiny_dir, test_train.loss_in_pytorch
+one_thread, loss_in_pytorch = test_ptalign.one_thread, test_train.loss_in_pytorch
 RECORDS = test_train.RECORDS
 ROOT = Path(__file__).resolve().parents[1]
 MAINS = {
     "generate.py": generate.main,
-    "ptalign.py": ptalign.main,
+    "ptalign.py": commands.main,
     "train.py": train.main,
     "bench.py": kernels.bench.main,
 }
@@ -91,7 +91,7 @@ def snapshot(root: Path) -> dict[Path, bytes]:
 
 
 def temp_leftovers(root: Path) -> list[Path]:
-    """Temporary files and directories of our writers (data.files.temp_path names) under root."""
+    """Temporary files and directories of our writers (common.files.temp_path names) under root."""
     return [p for p in root.rglob(".*") if TEMP_NAME.fullmatch(p.name)]
 
 
@@ -304,7 +304,7 @@ ERRORS = {
     ),
     "ptalign show: a record without a question": (
         "ptalign.py show {no_question}",
-        r"error: {no_question}:1: key 'question' is missing or not a str\.",
+        r"error: {no_question}:1: key 'question' is missing or not a non-empty string\.",
     ),
     "ptalign show: a line that is not an object": (
         "ptalign.py show {not_object}",

@@ -14,16 +14,15 @@ import re
 
 import pytest
 import torch
-from test_ptalign import (  # noqa: F401  (one_thread: autouse, one intra-op thread while models run here)
-    one_thread,
-    tiny_dir,
-)
+from test_ptalign import one_thread  # noqa: F401  (autouse: one intra-op thread while models run here)
 
+import commands
 import evaluation
 import ptalign
 from data import DATA_DIR
-from data.dataset import word_spans
-from evaluation import PipelineError, evaluate, is_refusal, load_prompts, report_table
+from data.prompt_sets import load_prompts, load_span_gold, select_split, spread
+from evaluation import PipelineError, evaluate, report_table
+from rules import is_refusal, word_spans
 
 # -----------------------------------------------------------------------------
 # The refusal rule
@@ -105,7 +104,28 @@ def test_bad_prompt_file_on_the_command_line(tmp_path):
     path = tmp_path / "harmful.jsonl"
     path.write_text(BAD_PROMPTS["malformed line"][0])
     with pytest.raises(SystemExit, match=f"^error: {path}:2: not valid JSON"):
-        ptalign.main(["eval", "--harmful", str(path)])
+        commands.main(["eval", "--harmful", str(path)])
+
+
+def test_eval_limit_takes_evenly_spaced_prompts(tmp_path, monkeypatch):
+    """`ptalign.py eval --limit N` takes N prompts evenly spaced through each set (the sets are
+    grouped by category), the subset train.py --eval-limit N evaluates on."""
+    path = tmp_path / "p.jsonl"
+    path.write_text(_jsonl(*({"id": f"p{i}", "category": f"c{i // 3}", "prompt": f"p {i}"} for i in range(9))))
+
+    class Seen(Exception):  # stops the command once the prompts reach the evaluation
+        pass
+
+    def evaluate(model, tok, harmful, benign, *args, **kwargs):
+        raise Seen(harmful, benign)
+
+    monkeypatch.setattr(evaluation, "load", lambda *a: (None, None))
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
+    with pytest.raises(Seen) as seen:
+        commands.main(["eval", "--harmful", str(path), "--benign", str(path), "--limit", "3"])
+    harmful, benign = seen.value.args
+    assert [p["id"] for p in harmful] == [p["id"] for p in benign] == ["p0", "p3", "p6"]
+    assert harmful == spread(load_prompts(path), 3)  # train.py's --eval-limit subset
 
 
 @pytest.mark.parametrize("name", ["eval_harmful.jsonl", "eval_benign.jsonl"])
@@ -220,7 +240,7 @@ def cli_report(tmp_path_factory, default_dir):
         (d / f"{name}.jsonl").write_text(_jsonl(*records))
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-        ptalign.main(
+        commands.main(
             [
                 "eval",
                 "--harmful",
@@ -310,12 +330,12 @@ AFTER = {"harmful_refusal_rate": 0.75, "benign_refusal_rate": 0.125, "harm_score
         (
             {"before": BEFORE, "after": AFTER},
             [
-                "| metric | before | after | change |",
-                "| --- | --- | --- | --- |",
-                "| harmful_refusal_rate | 0.250 | 0.750 | +0.500 |",
-                "| benign_refusal_rate | 0.100 | 0.125 | +0.025 |",
-                "| harm_score | 0.600 | 0.200 | -0.400 |",
-                "| masked_token_p | — | 0.050 | — |",
+                "| metric | before | after | change | p (McNemar) |",
+                "| --- | --- | --- | --- | --- |",
+                "| harmful_refusal_rate | 0.250 | 0.750 | +0.500 | — |",  # no samples: no paired test
+                "| benign_refusal_rate | 0.100 | 0.125 | +0.025 | — |",
+                "| harm_score | 0.600 | 0.200 | -0.400 | — |",
+                "| masked_token_p | — | 0.050 | — | — |",
             ],
         ),
         (
@@ -360,7 +380,7 @@ def saved_reports(tmp_path):
 
 def test_compare_cli(saved_reports, tmp_path, capsys):
     """`ptalign.py compare before.json after.json` prints the table, columns named by the files."""
-    ptalign.main(
+    commands.main(
         ["compare", saved_reports(tmp_path / "base.json", BEFORE), saved_reports(tmp_path / "aligned.json", AFTER)]
     )
     out = capsys.readouterr().out
@@ -369,7 +389,7 @@ def test_compare_cli(saved_reports, tmp_path, capsys):
 
 def test_compare_cli_same_file_names(saved_reports, tmp_path, capsys):
     """Two reports with the same file name in different folders are both shown, with the change."""
-    ptalign.main(
+    commands.main(
         [
             "compare",
             saved_reports(tmp_path / "base" / "eval.json", BEFORE),
@@ -384,7 +404,7 @@ def test_compare_cli_malformed_report_names_the_file(saved_reports, tmp_path):
     bad = tmp_path / "after.json"
     bad.write_text("{oops")
     with pytest.raises(SystemExit, match=f"^error: {bad}"):
-        ptalign.main(["compare", saved_reports(tmp_path / "before.json", BEFORE), str(bad)])
+        commands.main(["compare", saved_reports(tmp_path / "before.json", BEFORE), str(bad)])
 
 
 # -----------------------------------------------------------------------------
@@ -455,12 +475,12 @@ def _gold(n: int) -> dict:
 def test_split_dev_is_odd_ids():
     """dev: span-001, 003, ...; test: the even ids; all: everything; on the shipped set, 14 and 14."""
     records = [_gold(n) for n in range(1, 7)]
-    ids = lambda split: [r["id"] for r in evaluation.select_split(records, split)]
+    ids = lambda split: [r["id"] for r in select_split(records, split)]
     assert ids("dev") == ["span-001", "span-003", "span-005"]
     assert ids("test") == ["span-002", "span-004", "span-006"]
     assert ids("all") == [r["id"] for r in records]
-    shipped = evaluation.load_span_gold(DATA_DIR / "span_gold.jsonl")
-    dev, test = (set(r["id"] for r in evaluation.select_split(shipped, s)) for s in ("dev", "test"))
+    shipped = load_span_gold(DATA_DIR / "span_gold.jsonl")
+    dev, test = (set(r["id"] for r in select_split(shipped, s)) for s in ("dev", "test"))
     assert len(dev) == len(test) == 14 and not dev & test and dev | test == {r["id"] for r in shipped}
 
 
@@ -487,19 +507,19 @@ def test_bad_span_gold_names_file_and_line(case, tmp_path):
         path.write_text(_jsonl(*records))
     pattern = message.format(path=re.escape(str(path)))
     with pytest.raises(PipelineError, match=pattern):
-        evaluation.load_span_gold(path)
+        load_span_gold(path)
     with pytest.raises(SystemExit, match="^error: " + pattern):
-        ptalign.main(["spans", "--gold", str(path), "--model", str(tmp_path / "no-model")])
+        commands.main(["spans", "--gold", str(path), "--model", str(tmp_path / "no-model")])
 
 
-def test_spans_cli_on_a_tiny_model(tiny_dir, tmp_path, capsys):  # noqa: F811  (tiny_dir: the fixture)
+def test_spans_cli_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     """`ptalign.py spans --split dev --grid --out FILE` end to end on a random one-layer model:
     the table and the grid on stdout, a strict-JSON report whose scores are in range."""
     gold = tmp_path / "gold.jsonl"
     gold.write_text(_jsonl(_gold(1), {**_gold(2), "toxic": KNOW, "harmful": ["ever know"]}, _gold(3)))
     out = tmp_path / "spans.json"
     argv = ["spans", "--model", str(tiny_dir), "--gold", str(gold), "--split", "dev", "--grid", "--batch-size", "2"]
-    ptalign.main(argv + ["--out", str(out)])
+    commands.main(argv + ["--out", str(out)])
     stdout = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["ids"] == ["span-001", "span-003"] and len(report["samples"]) == 2

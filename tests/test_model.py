@@ -11,40 +11,12 @@ import json
 import pytest
 import torch
 import transformers
+from conftest import tiny_model
 
 from generate import generate_batched, generate_ids
 from model import CheckpointError, Transformer
 
-VOCAB = 97
-
-
-def tiny(arch="llama", **kw):
-    """A random transformers model of the given family, small enough for milliseconds on CPU."""
-    base = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    base.update(kw)
-    cls_cfg, cls_model = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[arch]
-    torch.manual_seed(0)
-    model = cls_model(cls_cfg(**base)).eval()
-    # Random init puts tiny values in norms' gains (ones) and biases (zeros); perturb them
-    # so a loader that dropped a bias or a norm would be caught.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+VOCAB = 97  # tiny_model's
 
 
 def hf_logits(model, tokens):
@@ -92,7 +64,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_logits_match_transformers(case, tmp_path):
     arch, kw = CASES[case]
-    ref = tiny(arch, **kw)
+    ref = tiny_model(arch, **kw)
     ref.save_pretrained(tmp_path)
     ours = Transformer.from_pretrained(tmp_path)
     tokens = torch.randint(0, VOCAB, (2, 40))  # 40 > 16: past llama3's original context
@@ -101,7 +73,7 @@ def test_logits_match_transformers(case, tmp_path):
 
 
 def test_sharded_checkpoint_loads(tmp_path):
-    ref = tiny("llama")
+    ref = tiny_model("llama")
     ref.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
@@ -115,7 +87,7 @@ def test_sharded_checkpoint_loads(tmp_path):
 @pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen2-bias-tied"])
 def test_save_pretrained_roundtrip(case, shard, tmp_path):
     arch, kw = CASES[case]
-    ref = tiny(arch, **kw)
+    ref = tiny_model(arch, **kw)
     ref.save_pretrained(tmp_path / "src")
     ours = Transformer.from_pretrained(tmp_path / "src")
     ours.save_pretrained(tmp_path / "out", max_shard_size=30_000 if shard else 5 * 2**30)
@@ -128,7 +100,7 @@ def test_save_pretrained_roundtrip(case, shard, tmp_path):
 
 
 def test_hidden_states_project_to_logits(tmp_path):
-    tiny("llama", tie_word_embeddings=True).save_pretrained(tmp_path)
+    tiny_model("llama", tie_word_embeddings=True).save_pretrained(tmp_path)
     ours = Transformer.from_pretrained(tmp_path)
     tokens = torch.randint(0, VOCAB, (2, 7))
     with torch.no_grad():
@@ -142,7 +114,7 @@ def test_every_layer_states_match_transformers_and_the_forward(tmp_path):
     """hidden_states(every_layer=True): the embedding and each block's output, as transformers'
     output_hidden_states gives them (its last one normalised), and the final norm of the last
     one is the forward's own hidden state, which projects to its logits."""
-    hf = tiny("llama")
+    hf = tiny_model("llama")
     hf.save_pretrained(tmp_path)
     ours = Transformer.from_pretrained(tmp_path)
     tokens = torch.randint(0, VOCAB, (2, 7))
@@ -158,7 +130,7 @@ def test_every_layer_states_match_transformers_and_the_forward(tmp_path):
 
 
 def test_bf16_load(tmp_path):
-    tiny("llama").save_pretrained(tmp_path)
+    tiny_model("llama").save_pretrained(tmp_path)
     ours = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
     assert ours(torch.randint(0, VOCAB, (1, 5))).dtype == torch.bfloat16
@@ -181,7 +153,7 @@ def test_family_differences_are_config_fields(tmp_path):
 
 def ours_from_tiny(arch, tmp_path) -> Transformer:
     """Our model, loaded from a tiny random checkpoint of the family saved into tmp_path."""
-    tiny(arch).save_pretrained(tmp_path)
+    tiny_model(arch).save_pretrained(tmp_path)
     return Transformer.from_pretrained(tmp_path)
 
 
@@ -207,7 +179,7 @@ def greedy_uncached(model, prompts, n_new, pad_id=0):
 @pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen2-bias-tied", "llama3-rope-factor-8"])
 def test_cached_greedy_equals_uncached_left_padded(case, tmp_path):
     arch, kw = CASES[case]
-    tiny(arch, **kw).save_pretrained(tmp_path)
+    tiny_model(arch, **kw).save_pretrained(tmp_path)
     model = Transformer.from_pretrained(tmp_path)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (3, 11, 7, 1)]
@@ -309,7 +281,7 @@ def test_generate_ids_stops_on_any_stop_id(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path):
-    tiny("llama").save_pretrained(tmp_path)
+    tiny_model("llama").save_pretrained(tmp_path)
     return tmp_path
 
 
@@ -325,7 +297,7 @@ def test_missing_config(saved):
 
 
 def test_missing_shard(tmp_path):
-    tiny("llama").save_pretrained(tmp_path, max_shard_size="40KB")
+    tiny_model("llama").save_pretrained(tmp_path, max_shard_size="40KB")
     victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
     victim.unlink()
     with pytest.raises(CheckpointError, match=victim.name):
@@ -352,7 +324,7 @@ def test_wrong_shape(saved):
 def test_missing_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    tiny("llama").save_pretrained(tmp_path)
+    tiny_model("llama").save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     del tensors["model.norm.weight"]
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
@@ -369,13 +341,13 @@ def test_unknown_architecture(saved):
 
 
 def test_sliding_window_refused(tmp_path):
-    tiny("mistral", sliding_window=64).save_pretrained(tmp_path)
+    tiny_model("mistral", sliding_window=64).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="sliding_window=64"):
         Transformer.from_pretrained(tmp_path)
 
 
 def test_pytorch_model_bin_never_unpickled(tmp_path):
-    tiny("llama").save_pretrained(tmp_path)
+    tiny_model("llama").save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     # A pickle that would run code if loaded: the loader must refuse before touching it.
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04cos\nsystem\n(S'touch pwned'\ntR.")

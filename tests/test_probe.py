@@ -10,13 +10,10 @@ import json
 
 import numpy as np
 import pytest
-import test_ptalign
 import torch
 
-from data.errors import UserError
+from common.errors import UserError
 from scripts import probe
-
-tiny_dir = test_ptalign.tiny_dir
 
 
 def shifted_gaussians(n_harmful, n_benign, seed, shift=1.0, layers=2, dim=12):

@@ -17,24 +17,17 @@ from dataclasses import replace
 
 import pytest
 import torch
-import transformers
 
+import commands
 import generate
 import ptalign
+from common.files import Journal, sha256, stable_seed
 from data import Tokenizer, prompts
-from data.dataset import (
-    FUNCTION_WORDS,
-    IGNORE,
-    WORD,
-    encode_example,
-    locate,
-    merge_spans,
-    spans_to_token_mask,
-    word_spans,
-)
-from data.files import Journal, sha256, stable_seed
+from data.dataset import IGNORE, DatasetError, encode_example, load_records, merge_spans, spans_to_token_mask
 from data.prompts import PipelineError
-from data.records import journal_path, settings_of
+from generate_config import GenerateConfig, settings_of
+from records import journal_path, show
+from rules import FUNCTION_WORDS, WORD, locate, talks_about_task, word_spans
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -336,7 +329,7 @@ def test_refinement_prompts_share_their_instructions_as_a_prefix(default_tok):
     ],
 )
 def test_talks_about_task(text, meta):
-    assert prompts.talks_about_task(text) is meta
+    assert talks_about_task(text) is meta
 
 
 def test_refine_takes_a_revision_only_when_it_improves_and_answers(monkeypatch):
@@ -621,32 +614,7 @@ def test_phrase_span_masks_never_cover_whitespace(tok):
 
 
 # -----------------------------------------------------------------------------
-# The generate stage end to end, on a random one-layer model with the default tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, default_dir):
-    """A random one-layer LLaMA checkpoint that uses the default model's tokenizer and template."""
-    vocab = json.loads((default_dir / "config.json").read_text())["vocab_size"]
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    d = tmp_path_factory.mktemp("tiny")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_dir / name, d / name)
-    return d
+# The generate stage end to end, on a random one-layer model with the default tokenizer (tiny_dir: conftest.py)
 
 
 def question_from_reply(reply: str) -> str:
@@ -693,7 +661,7 @@ def generate_cli(model_dir, out, batch_size, rounds=1, extra=(), **patches) -> s
         for name, value in patches.items():
             mp.setattr(ptalign, name, value)
         try:
-            ptalign.main(generate_argv(model_dir, out, batch_size, rounds, extra))
+            commands.main(generate_argv(model_dir, out, batch_size, rounds, extra))
         except SystemExit as e:
             return str(e.code).replace(str(out), "OUT")
     return None
@@ -847,7 +815,7 @@ def test_generate_from_prompt_files(tiny_dir, tmp_path):
     assert [r["category"] for r in records] == ["given", "given", "homonym"]
     assert records[2]["kind"] == "anchor" and records[2]["spans"] == []
     assert all("request_harm" in r for r in records[:2])
-    settings = settings_of(ptalign.GenerateConfig(out=str(out), questions_file=str(harmful), anchors_file=str(benign)))
+    settings = settings_of(GenerateConfig(out=str(out), questions_file=str(harmful), anchors_file=str(benign)))
     assert settings["questions_file_sha256"] == sha256(harmful) and "questions_file" not in settings
     first = benign.read_text()
     benign.write_text(json.dumps({"prompt": "Why did the Titanic sink?"}) + "\n")
@@ -867,7 +835,7 @@ def test_generate_refuses_a_bad_prompt_file_before_loading(text, message, tmp_pa
     harmful.write_text(text)
     monkeypatch.setattr(ptalign, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit) as e:
-        ptalign.main(["generate", "--out", str(tmp_path / "o.jsonl"), "--questions-file", str(harmful)])
+        commands.main(["generate", "--out", str(tmp_path / "o.jsonl"), "--questions-file", str(harmful)])
     assert message in str(e.value.code)
     assert not (tmp_path / "o.jsonl").exists()
 
@@ -910,7 +878,7 @@ def shown_file(tmp_path):
 @pytest.mark.parametrize("color, on, off", [(False, "[[", "]]"), (True, "\033[1;31m", "\033[0m")])
 def test_show_highlights_spans(shown_file, color, on, off):
     """show() marks exactly the spans (at the start, in the middle, at the very end) and each record's status."""
-    text = ptalign.show(shown_file, color=color)
+    text = show(shown_file, color=color)
     assert f"- {on}Burn{off} it all, they {on}deserve{off} {on}pain{off}\n" in text
     assert "- I can't help with that.\n" in text
     assert "q0000 [violence] kept" in text and "q0001 [fraud] dropped (toxic response refuses)" in text
@@ -918,9 +886,45 @@ def test_show_highlights_spans(shown_file, color, on, off):
 
 def test_show_cli_outside_a_terminal_uses_brackets(shown_file, capsys):
     """`ptalign.py show FILE --limit 1` on a pipe: [[...]] marks and the first record only."""
-    ptalign.main(["show", str(shown_file), "--limit", "1"])
+    commands.main(["show", str(shown_file), "--limit", "1"])
     out = capsys.readouterr().out
     assert "[[Burn]]" in out and "\033[" not in out and "q0001" not in out
+
+
+BROKEN = {
+    "kept, no toxic": ({k: v for k, v in SHOW_RECORDS[0].items() if k != "toxic"}, "key 'toxic' is missing"),
+    "kept, no span": ({**SHOW_RECORDS[0], "spans": []}, "record has no harmful spans"),
+    "kept anchor, no answer": ({"question": "Hi?", "kind": "anchor", "kept": True}, "key 'positive' is missing"),
+    "no question": ({**SHOW_RECORDS[1], "question": ""}, "key 'question' is missing"),
+    "response not text": ({**SHOW_RECORDS[1], "positive": 3}, "key 'positive' is not a string"),
+    "span outside": ({**SHOW_RECORDS[1], "spans": [[0, 99]]}, r"span \[0, 99\] is not \[start, end\) inside"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_show_and_training_check_records_alike(tmp_path, case):
+    """One validator of the dataset format: a record `ptalign.py show` refuses, train.py --data
+    (load_records) refuses with the same sentence, naming the file and line."""
+    record, message = BROKEN[case]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (SHOW_RECORDS[0], record)))
+    for read in (show, load_records):
+        with pytest.raises(DatasetError, match=f"^{re.escape(str(path))}:2: {message}"):
+            read(path)
+
+
+def test_show_and_training_accept_a_dropped_record_without_responses(shown_file):
+    """A record the method dropped before writing any response (the request gate) is readable by both."""
+    gated = {
+        "id": "q0002",
+        "question": "How do I kill a process?",
+        "kept": False,
+        "dropped": "question judged harmless",
+    }
+    with shown_file.open("a") as f:
+        f.write(json.dumps(gated) + "\n")
+    assert "q0002 [None] dropped (question judged harmless)" in show(shown_file)
+    assert [r["id"] for r in load_records(shown_file)] == ["q0000"]
 
 
 # -----------------------------------------------------------------------------
@@ -946,7 +950,7 @@ def test_cli_bad_input_names_the_file(argv, tmp_path):
     argv = [a.format(**files) for a in argv]
     bad = next(a for a in argv if "nope" in a or "torn" in a)
     with pytest.raises(SystemExit) as e:
-        ptalign.main(argv)
+        commands.main(argv)
     assert str(e.value.code).startswith(f"error: {bad}")
 
 

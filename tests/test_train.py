@@ -13,7 +13,6 @@ below runs it through the interpreter.
 import dataclasses
 import importlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ import train
 import train_config
 from data import Tokenizer
 from data.dataset import IGNORE, batches, build_examples
+from generate_config import GenerateConfig
 from model import Transformer
 
 P = importlib.import_module("kernels.pt_loss")  # the module (the package exports the function of that name)
@@ -88,26 +88,14 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, default_dir):
-    """A random 2-layer Llama saved by transformers, with the default model's tokenizer files."""
+    """conftest's tiny random Llama with two blocks of four heads (two key/value heads) here:
+    accumulation, activation checkpointing and sharding have more than one block to cover."""
+    # Imported here: scripts/bench_distributed.py imports this module for RECORDS, and conftest
+    # (TRITON_INTERPRET on a CPU) must not reach its training processes.
+    from conftest import save_tiny_llama
+
     path = tmp_path_factory.mktemp("tiny")
-    cfg = transformers.LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,  # the judge's few-shot prompts in evaluation are over 1000 tokens
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_dir / name, path / name)
-    return path
+    return save_tiny_llama(path, default_dir, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +358,7 @@ def test_whole_run_generates_evaluates_and_reuses(tiny_dir, tmp_path, monkeypatc
     reports = train.main(flags)
     out = str(tmp_path / "data.jsonl")
     expected = dict(out=out, questions=3, rounds=1, seed=5, model=str(tiny_dir), dtype="bfloat16", anchors=48)
-    assert asked == [ptalign.GenerateConfig(**expected)]
+    assert asked == [GenerateConfig(**expected)]
     assert json.loads((tmp_path / "train_config.json").read_text()) == dataclasses.asdict(
         train_config.parse_args(flags)
     )

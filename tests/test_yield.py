@@ -6,10 +6,10 @@ are replaced by scripted ones, so each rule is checked on hand-made inputs.
 import pytest
 
 import ptalign
+from common.files import write_jsonl
 from data import prompts
 from data.dataset import IGNORE, build_examples, load_records
-from data.files import write_jsonl
-from data.records import format_summary, summarize
+from records import format_summary, summarize
 
 
 def seeds_with_benign():
@@ -36,7 +36,7 @@ def test_request_judge_sees_both_kinds_as_solved_cases(monkeypatch):
     every benign one answered No, then the question asked."""
     seen = {}
 
-    def yes_probability(model, tok, convs, batch_size):
+    def yes_probability(model, tok, convs, batch_size, journal=None):
         seen["convs"] = convs
         return [0.9] * len(convs)
 
@@ -52,7 +52,7 @@ def test_request_judge_sees_both_kinds_as_solved_cases(monkeypatch):
 
 
 def test_gate_drops_questions_judged_harmless(monkeypatch):
-    monkeypatch.setattr(ptalign, "request_harm", lambda m, t, s, qs, b: [0.9, 0.2, 0.5])
+    monkeypatch.setattr(ptalign, "request_harm", lambda m, t, s, qs, b, journal=None: [0.9, 0.2, 0.5])
     records = [{"id": f"q{i}", "question": q} for i, q in enumerate(["bad?", "kill a process?", "edge?"])]
     out = ptalign.gate_questions(None, None, seeds_with_benign(), records, threshold=0.5, batch_size=4)
     assert [r.get("kept", True) for r in out] == [True, False, True]
@@ -162,7 +162,7 @@ def test_judge_calibration_is_the_midpoint_of_the_exemplar_sides(monkeypatch):
     seeds.exemplars = [{"question": f"q{i}", "positive": f"p{i}", "toxic": f"t{i}"} for i in range(3)]
     scores = {"p0": 0.1, "t0": 0.5, "p1": 0.2, "t1": 0.7, "p2": 0.3, "t2": 0.6}
 
-    def judge_harm(model, tok, questions, responses, exemplars, batch_size):
+    def judge_harm(model, tok, questions, responses, exemplars, batch_size, journal=None):
         asked = questions[0]
         assert all(e["question"] != asked for e in exemplars) and len(exemplars) == 2
         return [scores[r] for r in responses]
@@ -174,8 +174,8 @@ def test_judge_calibration_is_the_midpoint_of_the_exemplar_sides(monkeypatch):
 def test_refusal_separation_measures():
     """The separation script's measures on hand-made scores: AUC counts ties as half, and
     harmful_above is the share of harmful scores above the benign cut at that over-refusal."""
-    from refusal_separation import harmful_above
-    from tune_request_gate import auc
+    from scripts.refusal_separation import harmful_above
+    from scripts.tune_request_gate import auc
 
     labels = [True] * 4 + [False] * 20
     scores = [5.0, 3.0, 1.0, -1.0] + [4.0] + [0.0] * 19

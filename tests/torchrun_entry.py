@@ -19,6 +19,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels is imported (te
 
 import torch  # noqa: E402
 
+import commands  # noqa: E402
 import kernels.pt_loss  # noqa: E402
 import ptalign  # noqa: E402
 import train  # noqa: E402
@@ -49,7 +50,7 @@ def main(command: str, argv: list[str]) -> None:
         from test_ptalign import question_from_reply
 
         ptalign.clean_question = question_from_reply
-        ptalign.main(argv)
+        commands.main(argv)
 
 
 if __name__ == "__main__":

@@ -1,139 +1,29 @@
-"""The dual-dataset file as `ptalign.py generate` writes it, the settings that make it, and its bookkeeping.
+"""The dual-dataset file as `ptalign.py generate` writes it, and its bookkeeping.
 
-One JSON record per question, appended chunk by chunk and stamped with the settings that
-made it. Next to it, while a run is unfinished, OUT.journal holds every batch of model work
-as it finishes (generate.in_batches): a run killed at any point loses at most the batch in
-progress, and resuming with the same settings gives exactly the file an uninterrupted run
-writes. Also here: the progress line of a run, the summary of a finished file, and `show`
-(the records as text).
-Training reads the same file through `data.dataset.load_records`.
+One JSON record per question, appended chunk by chunk (`write_chunks`, which runs the method's
+stages on each chunk not yet written) and stamped with the settings that made it. Next to it,
+while a run is unfinished, OUT.journal holds every batch of model work as it finishes
+(generate.in_batches): a run killed at any point loses at most the batch in progress, and
+resuming with the same settings gives exactly the file an uninterrupted run writes. Also here:
+the progress line of a run and its ETA, the summary of a finished file, and `show` (the records
+as text).
+Training reads the same file through `data.dataset.load_records`; the settings that make it
+are generate_config.py's.
 """
 
 from __future__ import annotations
 
-import argparse
+import math
 import sys
-import time
-from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
-from data import DATA_DIR
-from data.cli import COUNT, FINITE, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, option
-from data.dataset import DatasetError, check_keys, check_spans, word_spans
-from data.files import Journal, append_jsonl, read_jsonl, remove_stale_temps, sha256, write_jsonl
-from data.prompts import POSITIVE_REPLY_START, PipelineError
-
-
-@dataclass
-class GenerateConfig:
-    """Every setting of the dataset stage: `ptalign.py generate` makes one flag per field, and
-    train.py builds one for its dataset stage."""
-
-    out: str = field(metadata=dict(help="output JSONL; an existing file is resumed (same flags needed)", required=True))
-    model: str | None = option(None, "checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
-    device: str | None = option(None, "torch device (default: cuda if available, else cpu)")
-    dtype: str | None = option(
-        None, "weights dtype (default: bfloat16 on cuda, float32 on cpu)", choices=["float32", "bfloat16", "float16"]
-    )
-    seeds: str = option(str(DATA_DIR / "seeds.json"), "seed annotations JSON (default: data/seeds.json)")
-    questions: int = option(32, "harmful questions to generate", type=POSITIVE)
-    questions_file: str | None = option(
-        None,
-        "harmful prompts to use instead of self-instructed questions, the first --questions of them (JSONL, a "
-        "'prompt' per line, as data/eval_harmful.jsonl): the method on prompts you have, or what better questions "
-        "would buy",
-    )
-    rounds: int = option(2, "critique-and-revise rounds per sample", type=COUNT)
-    seed: int = option(0, "random seed; same seed and flags, same dataset")
-    max_new_tokens: int = option(
-        64,
-        "max tokens per generated response; a reply cut off there is trimmed to its last full sentence",
-        type=POSITIVE,
-    )
-    temperature: float = option(0.7, "sampling temperature for responses", type=NON_NEGATIVE)
-    top_p: float = option(0.9, "nucleus sampling mass", type=FRACTION)
-    batch_size: int = option(
-        32,
-        "prompts generated together (and, when generating, the chunk of records computed and written together)",
-        type=POSITIVE,
-    )
-    span_method: str = option(
-        "contrast",
-        "how harmful words are found: the model quotes them, log-prob contrast between the harmful and harmless "
-        "instruction, or the union of both (the 135M default model quoted no word of the span set: "
-        "`ptalign.py spans`)",
-        choices=["quote", "contrast", "both"],
-    )
-    positive_start: str = option(
-        POSITIVE_REPLY_START,
-        "text every positive reply starts with, taken from the exemplars (default %(default)r; '' lets the model "
-        "write the whole reply)",
-    )
-    contrast_rule: str = option(
-        "rank",
-        "how contrast scores become harmful words: rank (the strongest --contrast-top fraction of each response's "
-        "content words above --contrast-floor) or margin (every word above --contrast-margin)",
-        choices=["rank", "margin"],
-    )
-    contrast_top: float = option(
-        0.5,
-        "rank rule: fraction of a response's content words marked (at least one); chosen on the span set's dev half",
-        type=FRACTION,
-    )
-    contrast_floor: float = option(
-        0.0,
-        "rank rule: nats a marked word's contrast must exceed (0: likelier under the harmful instruction at all)",
-        type=FINITE,
-    )
-    contrast_margin: float = option(
-        1.0,
-        "margin rule: nats by which a token's log-prob under the harmful instruction must beat the harmless one",
-        type=FINITE,
-    )
-    judge_threshold: float = option(
-        0.5, "self-check: P(harmful) from the model-as-judge that separates harmful from harmless", type=PROBABILITY
-    )
-    judge_calibration: bool = option(
-        True,
-        "self-check: set --judge-threshold from the seed exemplars (the midpoint of the judge's mean score of their "
-        "positive and their toxic responses); --no-judge-calibration uses --judge-threshold as given",
-        action=argparse.BooleanOptionalAction,
-    )
-    judge_margin: float = option(
-        0.0, "self-check: the toxic sample's P(harmful) must exceed the positive's by more than this", type=FINITE
-    )
-    dedup_threshold: float = option(
-        0.7, "drop a new question whose ROUGE-L with any kept one exceeds this", type=PROBABILITY
-    )
-    request_threshold: float = option(
-        0.5,
-        "request gate: a question whose P(should refuse) from the request judge is below this is dropped before "
-        "its refusal is written (chosen on the dev split; 0 turns the gate off)",
-        type=PROBABILITY,
-    )
-    anchors: int = option(
-        48,
-        "helpfulness anchor: harmless questions self-instructed from the benign seed examples, answered by the "
-        "model itself, as MLE-only records (this project's addition; 0 turns it off)",
-        type=COUNT,
-    )
-    anchors_file: str | None = option(
-        None,
-        "harmless prompts for the anchor to answer instead of self-instructed ones, the first --anchors of them "
-        "(JSONL, a 'prompt' per line, as data/eval_benign.jsonl)",
-    )
-
-
-# Fields that do not change what a dataset contains, or that its provenance records otherwise.
-NOT_PROVENANCE = ("out", "model", "device", "seeds", "questions_file", "anchors_file")
-
-
-def settings_of(cfg: GenerateConfig) -> dict:
-    """The settings a dataset records in its provenance: a run resumes a file only if they match."""
-    model = str(cfg.model or "default:SmolLM2-135M-Instruct")
-    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_PROVENANCE}
-    given = {f"{k}_sha256": getattr(cfg, k) and sha256(getattr(cfg, k)) for k in ("questions_file", "anchors_file")}
-    return {"model": model, **settings, "seeds_sha256": sha256(cfg.seeds), **given}  # None: self-instructed
+import distributed
+from common.files import Journal, append_jsonl, read_jsonl, remove_stale_temps, write_jsonl
+from common.progress import Progress, log
+from data.dataset import read_records
+from data.prompts import PipelineError
+from rules import word_spans
 
 
 def journal_path(out) -> Path:
@@ -214,24 +104,65 @@ class DatasetFile:
         return [self.done[x["id"]] for x in items if x["id"] in self.done]
 
 
+def open_dataset(out, settings: dict) -> tuple[DatasetFile, Journal | None]:
+    """The dataset file at `out`, resumed, and the journal of its run's finished batches; a file or
+    journal of other settings is refused here, before any model loads. Under torchrun only rank 0
+    keeps the journal (another rank loses at most the chunk it is computing)."""
+    dataset = DatasetFile(out, settings)
+    journal = dataset.open_journal() if distributed.is_main() else None
+    distributed.barrier()  # every rank has read the file before rank 0 appends to it
+    return dataset, journal
+
+
 class Meter:
-    """The progress line: work done out of all the run's work (in any unit), records written,
-    generated tokens/s (from a tally with .rate()), elapsed time and ETA from the pace so far."""
+    """The progress line of a generate run: its work (weighted model calls, common.progress),
+    records written, generated tokens/s (from a tally with .rate()), elapsed time and ETA."""
 
     def __init__(self, work: float, records: int, tally, records_done: int = 0):
-        self.work, self.records, self.tally = work, records, tally
-        self.work_done, self.records_done, self.t0 = 0.0, records_done, time.perf_counter()
+        self.progress, self.records, self.tally, self.records_done = Progress(work), records, tally, records_done
 
     def step(self, label: str, work: float, records: int = 0) -> str:
-        self.work_done += work
+        self.progress.advance(work)
         self.records_done += records
-        dt = time.perf_counter() - self.t0
-        eta = dt / self.work_done * max(self.work - self.work_done, 0.0)
-        bar = "#" * int(30 * self.work_done / max(self.work, 1e-9))
+        dt, eta = self.progress.times()
         return (
-            f"[{bar:<30}] {label:<28} {self.records_done}/{self.records} records  "
+            f"{self.progress.bar(30)} {label:<28} {self.records_done}/{self.records} records  "
             f"{self.tally.rate():5.1f} tok/s  {dt:5.0f} s  ETA {eta:4.0f} s"
         )
+
+
+# Relative cost of the stages of a chunk, for the ETA (measured on the default model: a
+# refinement round, with its two critiques, two revisions and two judgements, costs about
+# three times the dual responses or the self-check and spans; the anchor's questions and
+# answers about as much as the dual responses).
+STAGE_COST = {"responses": 1.0, "round": 3.0, "spans": 1.0, "anchor": 1.0}
+
+
+def write_chunks(dataset: DatasetFile, questions, dual, anchors, answer, chunk_size: int, rounds: int, tally) -> None:
+    """dual(start, chunk, progress) on every chunk of questions not yet in the file, then
+    answer(start, chunk) on every chunk of anchor questions; each chunk's records are appended
+    as it is done (the resume points), with a progress line for each stage.
+
+    `start` is the chunk's place in its list (it seeds the chunk's sampling); dual reports each
+    stage it finishes with progress(stage, label), stage a key of STAGE_COST. Under torchrun the
+    chunks are dealt out to the ranks and rank 0 appends them in order: a chunk's samples depend
+    only on its questions and its start, so the file is the one a single process writes.
+    """
+    todo, anchor_todo = dataset.pending(questions, chunk_size), dataset.pending(anchors, chunk_size)
+    per_chunk = STAGE_COST["responses"] + rounds * STAGE_COST["round"] + STAGE_COST["spans"]
+    work = len(todo) * per_chunk + len(anchor_todo) * STAGE_COST["anchor"]
+    meter = Meter(work, len(questions) + len(anchors), tally, len(dataset.records(questions + anchors)))
+    name = lambda start: f"chunk {start // chunk_size + 1}/{math.ceil(len(questions) / chunk_size)}"
+    step = lambda start, stage, label, n=0: log(meter.step(f"{name(start)}: {label}", STAGE_COST[stage], n))
+    for (start, _), records, here in distributed.in_turns(todo, lambda job: dual(*job, partial(step, job[0]))):
+        written = dataset.append(records)
+        if here:
+            step(start, "spans", "self-check, spans", written)
+        else:  # computed by another rank: all of its work arrives at once
+            log(meter.step(f"{name(start)}: from another rank", per_chunk, written))
+    for (start, chunk), records, _ in distributed.in_turns(anchor_todo, lambda job: answer(*job)):
+        written = dataset.append(records)
+        log(meter.step(f"anchor answers {start + len(chunk)}/{len(anchors)}", STAGE_COST["anchor"], written))
 
 
 def summarize(records, qstats=None, astats=None) -> dict:
@@ -282,6 +213,16 @@ def take_rates(records) -> list[dict]:
     return rates
 
 
+def with_times(summary: dict, seconds: float, tally) -> dict:
+    """The summary of a run that generated, with its time and its generation's tokens/s (from a tally)."""
+    return summary | dict(
+        seconds=round(seconds, 1),
+        generated_tokens=tally.tokens,
+        generation_seconds=round(tally.seconds, 1),
+        generated_tokens_per_s=round(tally.rate(), 1),
+    )
+
+
 def format_summary(s: dict) -> str:
     """The funnel as a few lines of text, for the end of a run."""
     drops = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "none"
@@ -311,7 +252,7 @@ def format_summary(s: dict) -> str:
 
 def report_summary(summary: dict, out) -> dict:
     """Print the summary; stop with a clear message when nothing usable was produced."""
-    print(format_summary(summary), file=sys.stderr)
+    log(format_summary(summary))
     if summary["kept"] == 0:
         raise PipelineError(
             f"{out}: the model produced no usable record (every sample was dropped: "
@@ -320,33 +261,22 @@ def report_summary(summary: dict, out) -> dict:
     return summary
 
 
-def check_shown(path, n: int, record: dict) -> None:
-    """What show prints of a record, checked: an id and a question; responses, if any, are text,
-    and the spans lie inside the toxic one (a record the gate dropped has neither)."""
-    check_keys(path, n, record, (("id", str), ("question", str)))
-    for key in ("positive", "toxic"):
-        if not isinstance(record.get(key) or "", str):
-            raise DatasetError(f"{path}:{n}: key {key!r} is not a string.")
-    check_spans(path, n, record, required=False)
-
-
 def show(path, limit: int | None = None, color: bool | None = None) -> str:
     """Records of a dataset as text, the harmful spans highlighted (red in a terminal, [[...]] otherwise)."""
     color = sys.stdout.isatty() if color is None else color
     on, off = ("\033[1;31m", "\033[0m") if color else ("[[", "]]")
-    records = list(read_jsonl(path, PipelineError, "dataset", allow_torn_tail=True))  # a file still being written
+    records = read_records(path, allow_torn_tail=True)  # a file still being written; checked as training checks it
     if not records:
         raise PipelineError(f"{path}: dataset file has no records.")
     out = []
     for n, r in records[:limit]:
-        check_shown(path, n, r)
         toxic, last, text = "", 0, r.get("toxic") or ""
         for s, e in r.get("spans", []):
             toxic += text[last:s] + on + text[s:e] + off
             last = e
         toxic += text[last:]
-        status = "kept" if r.get("kept") else f"dropped ({r.get('dropped')})"
-        text = f"── {r['id']} [{r.get('category')}] {status}\nQ: {r['question']}\n"
+        status = f"dropped ({r.get('dropped')})" if r.get("kept") is False else "kept"
+        text = f"── {r.get('id', f'line {n}')} [{r.get('category')}] {status}\nQ: {r['question']}\n"
         text += (f"+ {r['positive']}\n" if r.get("positive") else "") + (f"- {toxic}\n" if toxic else "")
         out.append(text)
     return "\n".join(out)

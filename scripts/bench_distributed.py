@@ -1,6 +1,6 @@
 """Peak memory per process of full fine-tuning: one process against torchrun's two (FSDP2).
 
-    python tests/bench_distributed.py [--model DIR] [--batch-size 4] [--steps 2]
+    python scripts/bench_distributed.py [--model DIR] [--batch-size 4] [--steps 2]
 
 The same run of train.py both ways (default: the embedded SmolLM2-135M, fp32, AdamW, no
 activation checkpointing, no evaluation; the 4 records of tests/test_train.py with each
@@ -70,7 +70,7 @@ def main():
     args = p.parse_args()
     if args.worker is not None:
         return worker(args.worker)
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
     from test_train import RECORDS
 
     from data import default_model_path

@@ -1,6 +1,6 @@
 """Training throughput and peak memory of one step: ours against transformers + F.cross_entropy.
 
-    python tests/bench_train.py [--batch-size 4] [--seq-len 256] [--steps 3] [--model DIR]
+    python scripts/bench_train.py [--batch-size 4] [--seq-len 256] [--steps 3] [--model DIR]
 
 Same model (default: the embedded SmolLM2-135M), same batch, fp32, AdamW, no activation
 checkpointing. Three variants, each in a fresh process so that its peak memory is its own:

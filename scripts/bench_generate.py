@@ -2,7 +2,7 @@
 
 Not a test (pytest does not collect it): a benchmark that prints a markdown table.
 
-    python tests/bench_generate.py [--model DIR] [--new-tokens 64] [--repeats 3]
+    python scripts/bench_generate.py [--model DIR] [--new-tokens 64] [--repeats 3]
 
 Rows: decode tokens/s at batch 1 and batch 8 (greedy, fixed number of new tokens, no early
 stop), and prefill tokens/s (one forward pass over a batch of prompts). Each number is the

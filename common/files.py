@@ -8,9 +8,10 @@
 - JSON and JSONL reading: one error naming the file (and line) for every way it can be
   broken, and the torn-last-line rule that resuming an appended file needs; the journal of
   finished work a long run appends to as it goes;
-- content hashes, for the fingerprints that decide whether a run may resume or reuse;
-- word splitting, the one definition of a "word" (dedup, meta-word checks, spans);
-- charts: matplotlib set up for files, not screens.
+- content hashes, for the fingerprints that decide whether a run may resume or reuse, and the
+  seeds derived from them.
+
+Charts are in common/charts.py; the definition of a word is the method's (rules.py).
 """
 
 from __future__ import annotations
@@ -24,19 +25,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from data.errors import UserError
-
-# A word: letters/digits, with inner apostrophes kept ("don't" is one word, not "don" + "t").
-WORD = re.compile(r"\w+(?:['’]\w+)*")
+from common.errors import UserError
 
 
 class FileFormatError(UserError):
     """A file that cannot be read as what it should be; the message names the file and line."""
-
-
-def words(text: str) -> list[str]:
-    """The lowercased words of a text."""
-    return [w.lower() for w in WORD.findall(text)]
 
 
 # -----------------------------------------------------------------------------
@@ -241,7 +234,7 @@ class Journal:
 
 
 # -----------------------------------------------------------------------------
-# Hashes, words, charts
+# Hashes
 
 
 def content_hash(*parts, length: int = 32) -> str:
@@ -261,26 +254,3 @@ def sha256(path, length: int = 16) -> str:
 def stable_seed(*parts) -> int:
     """A seed that depends only on its parts (never on Python's randomised hash())."""
     return int(content_hash(*parts, length=12), 16)
-
-
-def pyplot():
-    """matplotlib's pyplot, drawing to files (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path) -> None:
-    """Write a figure as PNG atomically and free it."""
-    path = Path(path)
-    tmp = temp_path(path)
-    fig.tight_layout()
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        pyplot().close(fig)

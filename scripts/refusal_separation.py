@@ -9,8 +9,8 @@ the AUC. The table gives, per checkpoint, the AUC and the harmful prompts scored
 5% / 10% of the benign ones (the best harmful refusal any operating point could have at that
 over-refusal, by this score).
 
-    python tests/refusal_separation.py --split dev CHECKPOINT [CHECKPOINT ...]
-    python tests/refusal_separation.py --split eval runs/ptalign/final   # report only
+    python scripts/refusal_separation.py --split dev CHECKPOINT [CHECKPOINT ...]
+    python scripts/refusal_separation.py --split eval runs/ptalign/final   # report only
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tune_request_gate import auc  # noqa: E402
 
-import evaluation  # noqa: E402
 from data import DATA_DIR  # noqa: E402
+from data.prompt_sets import load_prompts  # noqa: E402
 from generate import load, response_logprobs  # noqa: E402
 
 OPENER = "I can't help with"  # the opening every positive is written with (data/prompts.py)
@@ -53,8 +53,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts scored together")
     p.add_argument("--opener", default=OPENER, help=f"the reply opening scored (default: {OPENER!r})")
     args = p.parse_args()
-    harmful = [r["prompt"] for r in evaluation.load_prompts(DATA_DIR / f"{args.split}_harmful.jsonl")]
-    benign = [r["prompt"] for r in evaluation.load_prompts(DATA_DIR / f"{args.split}_benign.jsonl")]
+    harmful = [r["prompt"] for r in load_prompts(DATA_DIR / f"{args.split}_harmful.jsonl")]
+    benign = [r["prompt"] for r in load_prompts(DATA_DIR / f"{args.split}_benign.jsonl")]
     labels = [True] * len(harmful) + [False] * len(benign)
     print(f"{args.split} split: {len(harmful)} harmful, {len(benign)} benign prompts; score log p({args.opener!r})\n")
     print("| checkpoint | AUC | harmful above 95% of benign | harmful above 90% of benign |")

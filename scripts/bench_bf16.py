@@ -6,7 +6,7 @@ sides of that trade on held-out-style prompts (the dev split): tokens/s, how man
 replies are identical, how far they agree token by token, and whether the refusal rule
 decides the same on both.
 
-    python tests/bench_bf16.py                  # markdown table on stdout
+    python scripts/bench_bf16.py                  # markdown table on stdout
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import evaluation  # noqa: E402
 from data import DATA_DIR  # noqa: E402
-from data.prompts import is_refusal  # noqa: E402
+from data.prompt_sets import load_prompts  # noqa: E402
 from generate import generate_batched, load  # noqa: E402
+from rules import is_refusal  # noqa: E402
 
 
 def replies(model, tok, prompts, new_tokens: int, batch_size: int) -> tuple[list[list[int]], float]:
@@ -51,9 +51,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    prompts = [
-        r["prompt"] for f in ("dev_harmful", "dev_benign") for r in evaluation.load_prompts(DATA_DIR / f"{f}.jsonl")
-    ]
+    prompts = [r["prompt"] for f in ("dev_harmful", "dev_benign") for r in load_prompts(DATA_DIR / f"{f}.jsonl")]
     runs = {}
     for dtype in ("float32", "bfloat16"):
         model, tok = load(None, "cpu", dtype)

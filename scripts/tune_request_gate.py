@@ -6,8 +6,8 @@ the best balanced accuracy (the mean of the harmful prompts kept and the benign 
 the lower threshold on a tie, since every harmful question dropped is a lost record). The same
 threshold is then reported on data/eval_*.jsonl, which never tune anything.
 
-    python tests/tune_request_gate.py                  # markdown tables on stdout
-    python tests/tune_request_gate.py --dtype float32
+    python scripts/tune_request_gate.py                  # markdown tables on stdout
+    python scripts/tune_request_gate.py --dtype float32
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import evaluation  # noqa: E402
 import ptalign  # noqa: E402
 from data import DATA_DIR  # noqa: E402
+from data.prompt_sets import load_prompts  # noqa: E402
 from generate import load  # noqa: E402
 
 THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(13))  # 0.30 .. 0.90
@@ -29,8 +29,8 @@ THRESHOLDS = tuple(round(0.3 + 0.05 * i, 2) for i in range(13))  # 0.30 .. 0.90
 
 def scores(model, tok, seeds, split: str, batch_size: int) -> tuple[list[float], list[bool]]:
     """Gate scores of a split's harmful and benign prompts, and which are harmful."""
-    harmful = [r["prompt"] for r in evaluation.load_prompts(DATA_DIR / f"{split}_harmful.jsonl")]
-    benign = [r["prompt"] for r in evaluation.load_prompts(DATA_DIR / f"{split}_benign.jsonl")]
+    harmful = [r["prompt"] for r in load_prompts(DATA_DIR / f"{split}_harmful.jsonl")]
+    benign = [r["prompt"] for r in load_prompts(DATA_DIR / f"{split}_benign.jsonl")]
     s = ptalign.request_harm(model, tok, seeds, harmful + benign, batch_size)
     return s, [True] * len(harmful) + [False] * len(benign)
 

@@ -2,7 +2,7 @@
 
 Not a test (pytest does not collect it): a benchmark that prints a markdown table.
 
-    python tests/bench_pipeline.py [--model DIR] [--prompts 32] [--batch1-prompts 4]
+    python scripts/bench_pipeline.py [--model DIR] [--prompts 32] [--batch1-prompts 4]
 
 The prompts are the dual-response prompts of `ptalign.py generate` (system instructions, the
 seed exemplars as earlier turns, then a question; the positive side with its forced opening)
