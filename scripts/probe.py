@@ -151,7 +151,10 @@ def encode_prompt(tok, prompt: str) -> tuple[list[int], list[bool]]:
     if start < 0:
         raise UserError(f"the chat template changes the prompt {prompt[:40]!r}; its tokens cannot be found for 'mean'.")
     ids, offsets = tok.encode_with_offsets(text)
-    return ids, spans_to_token_mask(offsets, [[start, start + len(content)]])
+    mine = spans_to_token_mask(offsets, [[start, start + len(content)]])
+    if not any(mine):
+        raise UserError(f"the prompt {prompt!r} has no text of its own to average over for 'mean'.")
+    return ids, mine
 
 
 @torch.inference_mode()
