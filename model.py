@@ -348,11 +348,14 @@ class Transformer(nn.Module):
         """The output projection (V, dim); the token embedding itself when they are tied."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, tokens, valid=None, cache: KVCache | None = None):
+    def hidden_states(self, tokens, valid=None, cache: KVCache | None = None, every_layer: bool = False):
         """The final normalised hidden states (B, T, dim), before the output projection.
 
         tokens: (B, T) ids. valid: (B, T) bool, False on padding (None: no padding). With a
         cache, the tokens fill the next T slots and attend to everything cached before them.
+        every_layer: return instead the residual stream after the embedding and after each
+        block, a list of n_layers + 1 tensors (B, T, dim), none normalised (the default return
+        is the final norm of the last one): what a linear probe of each layer reads.
         """
         B, T = tokens.shape
         if cache is not None:
@@ -365,14 +368,17 @@ class Transformer(nn.Module):
             positions, mask = positions_and_mask(valid, T)
         x = self.embed_tokens(tokens) * self.config.embedding_scale  # (B, T, dim)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        states = [x]
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, i)
+            if every_layer:
+                states.append(x)
         if cache is not None:
             cache.advance(T)
-        return self.norm(x)
+        return states if every_layer else self.norm(x)
 
     def forward(self, tokens, valid=None, cache: KVCache | None = None):
         """Logits (B, T, V) for each position's next token."""

@@ -250,12 +250,15 @@ def request_harm(model, tok, seeds: Seeds, questions: list[str], batch_size: int
     return yes_probability(model, tok, convs, batch_size, journal)
 
 
+GATE_DROPPED = "question judged harmless"  # the reason a record dropped by the request gate gives
+
+
 def gate_questions(model, tok, seeds: Seeds, records, threshold: float, batch_size: int, journal=None) -> list[dict]:
     """Score each question record; one judged harmless is marked dropped (no refusal is written for it)."""
     for r, h in zip(records, request_harm(model, tok, seeds, [r["question"] for r in records], batch_size, journal)):
         r["request_harm"] = round(h, 4)
         if h < threshold:
-            r["kept"], r["dropped"] = False, "question judged harmless"
+            r["kept"], r["dropped"] = False, GATE_DROPPED
     return records
 
 

@@ -110,6 +110,25 @@ def test_hidden_states_project_to_logits(tmp_path):
     assert ours.lm_head_weight is ours.embed_tokens.weight
 
 
+def test_every_layer_states_match_transformers_and_the_forward(tmp_path):
+    """hidden_states(every_layer=True): the embedding and each block's output, as transformers'
+    output_hidden_states gives them (its last one normalised), and the final norm of the last
+    one is the forward's own hidden state, which projects to its logits."""
+    hf = tiny_model("llama")
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    tokens = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        states = ours.hidden_states(tokens, every_layer=True)
+        ref = hf(tokens, output_hidden_states=True).hidden_states
+        assert len(states) == len(ref) == ours.config.n_layers + 1
+        for mine, theirs in zip(states[:-1], ref[:-1]):
+            torch.testing.assert_close(mine, theirs)
+        torch.testing.assert_close(ours.norm(states[-1]), ref[-1])
+        torch.testing.assert_close(ours.norm(states[-1]), ours.hidden_states(tokens))
+        torch.testing.assert_close(ours.norm(states[-1]) @ ours.lm_head_weight.T, ours(tokens))
+
+
 def test_bf16_load(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
     ours = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
