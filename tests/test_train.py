@@ -460,6 +460,7 @@ def test_fingerprint_is_the_training_settings(tmp_path):
     data.write_text("{}\n")
     fp = train_config.fingerprint(train_config.TrainConfig(), "m", data)
     training = "loss alpha epochs max_steps batch_size grad_accum lr warmup_steps weight_decay grad_clip max_len"
+    training += " dpo_beta decision_weight decision_questions"  # the baseline's and the decision loss's settings
     assert set(fp) == {
         *training.split(),
         "lora_rank",
