@@ -198,7 +198,7 @@ def plot(result: dict, path: Path) -> None:
             errbars(ax, [(base["benign"], base["harmful"])], label="untrained", fmt="kx", ms=9)
         if (d := result.get("default")) and d["panels"][title]["benign"]:
             b, h = d["panels"][title]["benign"], d["panels"][title]["harmful"]
-            ax.plot(b["rate"], h["rate"], "r*", ms=16, label=f"default ({d['curve']}, lr {d['lr']:g})", zorder=5)
+            ax.plot(b["rate"], h["rate"], "r*", ms=16, label=f"picked on dev ({d['curve']}, lr {d['lr']:g})", zorder=5)
         if roc := result.get("probe_roc", {}).get(title):
             ax.plot(roc["fpr"], roc["tpr"], "k--", lw=1, label=f"probe ROC (AUC {roc['auc']:.2f})")
         ax.set(title=title, xlabel="benign refusal", ylabel="harmful refusal", xlim=(-0.02, 0.6), ylim=(-0.02, 1.02))
