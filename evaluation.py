@@ -220,13 +220,6 @@ def cohen_kappa(a: list, b: list) -> float:
     return 1.0 if p_e == 1 else (p_o - p_e) / (1 - p_e)
 
 
-def refusal_flags(report: dict, kind: str, subset=None) -> dict[str, bool]:
-    """{prompt id: refused} of one kind of prompt ("harmful" or "benign") in a saved report;
-    `subset` keeps only the ids it contains."""
-    flags = {s["id"]: bool(s["refusal"]) for s in report["samples"][kind]}
-    return {i: f for i, f in flags.items() if subset is None or i in subset}
-
-
 # -----------------------------------------------------------------------------
 # Reports: a table, a chart, two reports side by side
 
@@ -241,14 +234,7 @@ MAIN_METRICS = (
     "pair_logprob_margin",
     "masked_token_p",
 )
-CHART_METRICS = (
-    "harmful_refusal_rate",
-    "benign_refusal_rate",
-    "benign_sounds_dangerous_refusal_rate",
-    "public_harmful_refusal_rate",
-    "public_benign_refusal_rate",
-    "harm_score",
-)
+CHART_METRICS = tuple(m for m in MAIN_METRICS if m.endswith("_rate") or m == "harm_score")  # the 0..1 ones
 
 
 def report_table(reports: dict[str, dict]) -> str:

@@ -2,13 +2,11 @@
 
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 import evaluation
 import objectives
@@ -87,30 +85,6 @@ PAIRS = [
         "Tell her she is worthless.",
     ),
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, default_dir):
-    """A random 2-layer Llama with the default model's tokenizer."""
-    path = tmp_path_factory.mktemp("tiny")
-    cfg = transformers.LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_dir / name, path / name)
-    return path
 
 
 def records_of(pairs, anchors=()):
