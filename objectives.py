@@ -4,15 +4,16 @@
   (positive, toxic) pairs: L = -log sigmoid(beta * [(log pi(y+|x) - log pi_ref(y+|x)) -
   (log pi(y-|x) - log pi_ref(y-|x))]), log-probabilities summed over the response tokens,
   pi_ref the frozen starting model.
-- **The decision loss** (this project's addition, off by default): the method's own data says
-  which questions are harmful (the gated red-team questions) and which are not (the anchor
-  questions), and a linear probe on the model's hidden states separates those two kinds far
-  better than MLE and unlikelihood training make the model behave. This loss trains the
-  decision itself: a logistic loss on the score s(q) = log p(a refusal opener | q) after each
-  question, harmful questions pushed up and anchor questions pushed down, centred on the
-  starting model's mean score so that it moves the two classes apart rather than both one way.
-  Without it the anchor answers are the model's own samples, so in expectation they carry no
-  gradient that says "do not refuse this".
+- **The decision loss** (this project's addition; on by default, `--decision-weight`): the
+  method's own data says which questions are harmful (the gated red-team questions) and which
+  are not (the anchor questions), and a linear probe on the model's hidden states separates
+  those two kinds far better than MLE and unlikelihood training make the model behave. This
+  loss trains the decision itself: a logistic loss on the score s(q) = log p(a refusal opener |
+  q) after each question, harmful questions pushed up and anchor questions pushed down, centred
+  on the starting model's mean score so that it moves the two classes apart rather than both
+  one way. Without it the anchor answers are the model's own samples, so in expectation they
+  carry no gradient that says "do not refuse this". On the dev split it gave the same harmful
+  refusal as PT-ALIGN alone with a third of the over-refusal (docs/efficacy.md).
 
 Both use plain log-softmax (not the fused kernel): their sequences are few and short.
 """
@@ -20,6 +21,7 @@ Both use plain log-softmax (not the fused kernel): their sequences are few and s
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +35,16 @@ REFUSAL_OPENERS = ("I can't help with", "I'm sorry")
 
 
 def sequence_logprobs(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(target) over each row's target positions: the log-probability of the response."""
-    logits = model(ids)
+    """Sum of log p(target) over each row's target positions: the log-probability of the response.
+    Only the target positions go through the output projection: a decision-loss row is a few
+    opener tokens after a long prompt, and a full (T, V) log-softmax would cost more than the
+    transformer itself."""
+    rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
+    hidden = model.hidden_states(ids)[rows, cols]
+    logits = F.linear(hidden, model.lm_head_weight)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up to fp32, fp64 kept
-    mask = targets != IGNORE
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(dim=1)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[rows, cols].unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(ids.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
 
 
 def dpo_loss(policy_lp: torch.Tensor, reference_lp: torch.Tensor, beta: float) -> torch.Tensor:
@@ -90,16 +96,21 @@ class DecisionLoss:
         ids, targets, _ = pad_rows(exs, self.tok.pad_id)
         return DecisionBatch(ids, targets, torch.tensor(labels, dtype=torch.float32))
 
-    def scores(self, model, batch: DecisionBatch) -> torch.Tensor:
-        """s(q) = log p(any refusal opener | q), one per question."""
-        lp = sequence_logprobs(model, batch.ids, batch.targets).view(-1, len(REFUSAL_OPENERS))
-        return torch.logsumexp(lp, dim=1)
+    def scores(self, model, batch: DecisionBatch, bf16: bool = False) -> torch.Tensor:
+        """s(q) = log p(any refusal opener | q), one per question (bf16: under autocast, as training runs)."""
+        device = batch_device(model)
+        autocast = torch.autocast(device.type, torch.bfloat16, cache_enabled=False) if bf16 else nullcontext()
+        with autocast:
+            lp = sequence_logprobs(model, batch.ids.to(device), batch.targets.to(device))
+        return torch.logsumexp(lp.view(-1, len(REFUSAL_OPENERS)), dim=1)
 
     @torch.no_grad()
-    def calibrate(self, model) -> float:
-        """Centre the scores on the starting model's mean over all training questions (both classes)."""
+    def calibrate(self, model, bf16: bool = False) -> float:
+        """Centre the scores on the starting model's mean over all training questions (both classes).
+        Every rank scores them all: the same forward passes, so the same centre."""
         qs = self.questions[1] + self.questions[0]
-        scores = [self.scores(model, self.rows(qs[i : i + 8], [0] * len(qs[i : i + 8]))) for i in range(0, len(qs), 8)]
+        batches = [qs[i : i + 8] for i in range(0, len(qs), 8)]
+        scores = [self.scores(model, self.rows(b, [0] * len(b)), bf16) for b in batches]
         self.centre = float(torch.cat(scores).mean())
         return self.centre
 
@@ -115,7 +126,24 @@ class DecisionLoss:
                 labels.append(label)
         return self.rows(picked, labels)
 
-    def loss(self, model, step: int) -> torch.Tensor:
-        """Mean logistic loss of the centred scores against the labels, for this step's questions."""
+    def loss(self, model, step: int, rank: int = 0, world: int = 1, bf16: bool = False) -> torch.Tensor:
+        """This process's share of the mean logistic loss of the step's centred scores against the labels.
+
+        Under torchrun question i goes to rank i % world, and each rank returns its questions'
+        summed loss over the step's question count: the gradients summed over the ranks (FSDP's
+        reduce-scatter here sums, see distributed.shard) are the mean's. A rank left without a
+        question scores one at weight 0: every rank joins every all-gather and reduce-scatter.
+        """
         b = self.batch(step)
-        return F.binary_cross_entropy_with_logits(self.scores(model, b) - self.centre, b.labels)
+        n = len(b.labels)
+        mine = list(range(rank, n, world)) or [0]
+        rows = [q * len(REFUSAL_OPENERS) + j for q in mine for j in range(len(REFUSAL_OPENERS))]
+        share = DecisionBatch(b.ids[rows], b.targets[rows], b.labels[mine])
+        logits = self.scores(model, share, bf16) - self.centre
+        bce = F.binary_cross_entropy_with_logits(logits, share.labels.to(logits), reduction="sum")
+        return bce * (1.0 if rank < n else 0.0) / n
+
+
+def batch_device(model) -> torch.device:
+    """Where the model's weights are (a DTensor's local device under torchrun)."""
+    return next(model.parameters()).device

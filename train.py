@@ -329,16 +329,16 @@ def train_step(model, params, optimizer, micro, cfg: TrainConfig, lr: float, dev
     else:
         sums, counts = pt_align_sums(model, micro, cfg, device)
     decision = torch.zeros((), device=device)
-    if obj.decision is not None:  # one process only (objectives() refuses torchrun)
-        decision = cfg.decision_weight * obj.decision.loss(model, step)
+    if obj.decision is not None:  # this rank's share of the step's questions
+        share = obj.decision.loss(model, step, distributed.rank(), distributed.world(), cfg.precision == "bf16")
+        decision = cfg.decision_weight * share
         decision.backward()
     grad_norm = distributed.clip_grad_norm_(params, cfg.grad_clip)
     # One host sync per step, before the update: a non-finite loss must never reach the weights
     # (nor, summed over the ranks first, any rank's weights).
-    totals = distributed.all_sum(sums)
-    totals[0] += decision.detach()
-    last = [decision.detach().reshape(1), grad_norm.reshape(1).float()]
-    loss_v, mle_sum, ut_sum, decision_v, norm_v = torch.cat([totals, *last]).tolist()
+    totals = distributed.all_sum(torch.cat([sums, decision.detach().reshape(1)]))
+    totals[0] += totals[3]
+    loss_v, mle_sum, ut_sum, decision_v, norm_v = torch.cat([totals, grad_norm.reshape(1).float()]).tolist()
     n_mle, n_ut = counts["n_mle"], counts["n_ut"]
     m = dict(loss=loss_v, mle=mle_sum / max(n_mle, 1), ut=ut_sum / max(n_ut, 1), n_mle=n_mle, n_ut=n_ut, lr=lr)
     m |= dict(grad_norm=norm_v, tokens=tokens) | (dict(decision=decision_v) if obj.decision is not None else {})
@@ -354,17 +354,30 @@ def train_step(model, params, optimizer, micro, cfg: TrainConfig, lr: float, dev
 def objectives(cfg: TrainConfig, model, records, tok) -> Objectives:
     """The frozen starting model for --loss dpo, and the decision loss calibrated on it when asked."""
     obj = Objectives()
-    if distributed.active() and (cfg.loss == "dpo" or cfg.decision_weight > 0):
-        raise TrainError("--loss dpo and --decision-weight run in one process (python train.py), not under torchrun.")
+    if distributed.active() and cfg.loss == "dpo":
+        raise TrainError("--loss dpo runs in one process (python train.py), not under torchrun.")
     if cfg.loss == "dpo":
         obj.reference = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.decision_weight > 0:
-        try:
-            obj.decision = DecisionLoss(records, tok, cfg.decision_questions, cfg.seed, cfg.max_len)
-        except ValueError as e:
-            raise TrainError(f"--decision-weight {cfg.decision_weight}: {e}.") from None
-        log(f"decision loss: centred on the starting model's mean score {obj.decision.calibrate(model):.3f}")
+        obj.decision = DecisionLoss(records, tok, cfg.decision_questions, cfg.seed, cfg.max_len)
+        centre = obj.decision.calibrate(model, cfg.precision == "bf16")
+        log(f"decision loss: centred on the starting model's mean score {centre:.3f}")
     return obj
+
+
+def decision_setting(cfg: TrainConfig, records, data_path: Path) -> TrainConfig:
+    """The decision loss needs questions of both kinds: with no anchor record in the dataset (or
+    --no-anchor) it is off, said once, and train_config.json records weight 0."""
+    has_anchor = any(r.get("kind") == "anchor" for r in records)
+    has_red_team = any(r.get("kind") != "anchor" for r in records)
+    if cfg.decision_weight == 0 or (has_anchor and has_red_team and cfg.anchor):
+        return cfg
+    if not cfg.anchor:
+        why = "--no-anchor leaves the anchor questions out"
+    else:
+        why = f"{data_path} has no {'red-team' if has_anchor else 'anchor'} record"
+    log(f"decision loss off: it needs harmful and anchor questions, and {why}")
+    return replace(cfg, decision_weight=0.0)
 
 
 def train(cfg: TrainConfig, examples, tok, model_path, fingerprint: dict, out: Path, records) -> None:
@@ -494,6 +507,7 @@ def run(cfg: TrainConfig) -> dict:
         torch.cuda.empty_cache()  # the inference copy's memory goes back before the master weights load
 
     examples = training_examples(records, tok, cfg, data_path)
+    cfg = decision_setting(cfg, records, data_path)
     # Under torchrun --batch-size counts one process's rows: each rank takes its share of one global
     # order of micro-batches (a single process's, with that many rows), resumable on any number of them.
     every_rank = replace(cfg, batch_size=cfg.batch_size * distributed.world())

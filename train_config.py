@@ -22,7 +22,8 @@ from data import DATA_DIR
 # under 20 minutes on 2 cores with the 135M default model; the gpu preset is for a 7B/8B model
 # on one GPU. Any flag given overrides its preset.
 PRESET_NAMES = ("cpu", "gpu")
-# each preset's --lr under --lora-rank; the cpu one chosen on the dev split by the same rule as --lr
+# each preset's --lr under --lora-rank; the cpu one was chosen on the dev split by the same rule as --lr, for
+# PT-ALIGN before the decision loss joined the default (not chosen again since)
 LORA_LR = {"cpu": 1.5e-4, "gpu": 2e-4}
 
 
@@ -65,11 +66,13 @@ class TrainConfig:
     dpo_beta: float = option(
         0.1, "DPO's beta: how far the policy may move from the reference (--loss dpo)", type=POSITIVE_FLOAT
     )
-    decision_weight: float = option(
-        0.0,
+    decision_weight: float = machine(
+        1.0,
+        1.0,
         "weight of the decision loss (this project's addition): a logistic loss on log p(refusal opener | question) "
         "that pushes the dataset's harmful questions up and its anchor questions down, centred on the starting "
-        "model's mean score; 0: off",
+        "model's mean score; off when the dataset has no anchor records; 0: off, PT-ALIGN alone (the cpu preset's "
+        "1.0 was chosen on the dev split with the default model; the gpu preset's is untuned for larger models)",
         type=NON_NEGATIVE,
     )
     decision_questions: int = option(
@@ -91,10 +94,10 @@ class TrainConfig:
     batch_size: int = machine(4, 4, "examples per micro-batch (per process under torchrun)", type=POSITIVE)
     grad_accum: int = machine(1, 8, "micro-batches per optimizer step", type=POSITIVE)
     lr: float = machine(
+        4e-5,
         1e-5,
-        1e-5,
-        "peak learning rate (the cpu preset's 1e-5 is the largest whose over-refusal stayed within the targets, "
-        "with a prompt to spare, on the dev split with the default model); "
+        "peak learning rate (the cpu preset's 4e-5 gave, with the decision loss, the highest harmful refusal within "
+        "the over-refusal targets on the dev split with the default model: docs/efficacy.md); "
         f"default: the preset's, for LoRA{presets_note(LORA_LR)} or full fine-tuning",
         type=POSITIVE_FLOAT,
     )

@@ -6,7 +6,8 @@ tests/torchrun_entry.py (train.py's or ptalign.py's main, set up as the in-proce
 them up) and compares with the same command run in this process on one thread:
 
 - FSDP2 full fine-tuning, 2 processes x batch 2 = 1 process x batch 4 (losses, final weights),
-  and its gathered OUT/final loads in transformers with our logits; the same for LoRA;
+  and its gathered OUT/final loads in transformers with our logits; the same for LoRA, and
+  with the decision loss;
 - a NaN on rank 1 stops both ranks with one message and the last sharded checkpoint whole,
   which one process then resumes to the uninterrupted run's weights;
 - generation on 2 ranks, resuming a torn file, writes the records one process writes;
@@ -110,6 +111,21 @@ def test_lora_two_processes_equal_one(tiny_dir, tmp_path):
     for name in before:  # adapters merged into the projections; every other weight as it was
         changed = not torch.equal(before[name], after[name])
         assert changed == (name.split(".")[-2] in lora.LORA_TARGETS), name
+
+
+def test_decision_loss_two_processes_equal_one(tiny_dir, tmp_path):
+    """The decision loss (on in the presets, given anchor records) under FSDP2: each rank scores
+    its share of the step's 3 + 3 questions, and the run is one process's."""
+    anchors = [("What soup is easy?", "Tomato soup."), ("Name a fruit.", "An apple."), ("Is tea hot?", "Often.")]
+    anchors = [{"id": f"a{i}", "kind": "anchor", "question": q, "positive": a} for i, (q, a) in enumerate(anchors)]
+    data = test_train.write_jsonl(tmp_path / "d.jsonl", [*test_train.RECORDS, *anchors])
+    flags = ("--decision-questions", "3", "--max-steps", "4")
+    run_train(tiny_dir, data, tmp_path / "one", *TRAIN, "--batch-size", "4", *flags)
+    result = train_two(tiny_dir, data, tmp_path / "two", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    for x, y in zip(steps_of(tmp_path / "one"), steps_of(tmp_path / "two")):
+        assert x["decision"] > 0 and x["decision"] == pytest.approx(y["decision"], rel=1e-5)
 
 
 def test_nan_on_one_rank_stops_both_and_one_process_resumes(tiny_dir, data4, one_process, tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import evaluation
 import objectives
@@ -18,6 +19,7 @@ from model import Transformer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import curves  # noqa: E402
 import refusal_agreement  # noqa: E402
+import subsample  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Statistics against values computed by hand
@@ -197,7 +199,8 @@ def test_decision_and_dpo_runs_train(tiny_dir, tmp_path):
     records = records_of(PAIRS, anchors=[("How do I bake bread?", "Mix flour, water and yeast.")])
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     base = ["--model", str(tiny_dir), "--data", str(data), "--skip-eval", "--preset", "cpu", "--save-every", "0"]
-    train.main(base + ["--out", str(tmp_path / "dpo"), "--loss", "dpo", "--lr", "1e-2", "--epochs", "4"])
+    dpo = ["--loss", "dpo", "--decision-weight", "0", "--lr", "1e-2", "--epochs", "4"]
+    train.main(base + ["--out", str(tmp_path / "dpo"), *dpo])
     steps = [json.loads(x) for x in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert steps[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)  # policy == reference at the start
     assert steps[-1]["ut"] > 0  # the reward margin grew
@@ -205,6 +208,40 @@ def test_decision_and_dpo_runs_train(tiny_dir, tmp_path):
     steps = [json.loads(x) for x in (tmp_path / "dec" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(s["decision"]) for s in steps)
     assert steps[-1]["decision"] < steps[0]["decision"]
+
+
+def test_decision_loss_shares_add_up_over_ranks(tiny_dir):
+    """Under torchrun each rank takes questions i % world: the ranks' losses and gradients add up
+    to one process's; a rank left without a question (3 ranks, 2 questions) adds nothing."""
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    records = records_of(PAIRS, anchors=[("How do I bake bread?", "Mix."), ("Name a fruit.", "Apple.")])
+    d = objectives.DecisionLoss(records, tok, per_class=1, seed=0, max_len=256)
+    model = Transformer.from_pretrained(tiny_dir, dtype=torch.float64)
+    d.calibrate(model)
+    one = d.loss(model, step=3)
+    (g_one,) = torch.autograd.grad(one, model.norm.weight)
+    b = d.batch(3)
+    expected = F.binary_cross_entropy_with_logits(d.scores(model, b) - d.centre, b.labels.double())
+    assert one.item() == pytest.approx(expected.item(), rel=1e-12)
+    shares = [d.loss(model, step=3, rank=r, world=3) for r in range(3)]
+    grads = [torch.autograd.grad(s, model.norm.weight)[0] for s in shares]
+    assert sum(s.item() for s in shares) == pytest.approx(one.item(), rel=1e-12)
+    assert shares[2].item() == 0 and grads[2].abs().max() == 0
+    torch.testing.assert_close(sum(grads), g_one, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("anchors, flags", [((), []), ((("Name a fruit.", "Apple."),), ["--no-anchor"])])
+def test_decision_loss_is_off_without_anchor_questions(tiny_dir, tmp_path, capsys, anchors, flags):
+    """The decision loss (on in the presets) needs both kinds of question: without anchor records,
+    or with --no-anchor, the run trains PT-ALIGN alone, says so, and records weight 0."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records_of(PAIRS, anchors)))
+    out = tmp_path / "run"
+    argv = ["--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--skip-eval", "--max-steps", "1"]
+    train.main(argv + ["--save-every", "0", *flags])
+    assert "decision loss off" in capsys.readouterr().err
+    assert json.loads((out / "train_config.json").read_text())["decision_weight"] == 0
+    assert "decision" not in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
 
 
 def test_training_refuses_a_public_held_out_prompt(tiny_dir, tmp_path):
@@ -260,6 +297,9 @@ def test_choose_default_takes_the_most_harmful_refusal_within_the_limits():
     ]
     assert curves.choose_default(pts, base)["curve"] == "a"
     assert curves.choose_default(pts[1:3], base) is None
+    dpo = {"curve": "dpo", "dev_harmful": r(0.6), "dev_benign": r(0.02), "dev_dangerous": r(0.03)}
+    assert curves.choose_default([*pts, dpo], base)["curve"] == "a"  # a baseline is never the default
+    assert curves.choose_default([*pts, dpo], base, candidates_only=False)["curve"] == "dpo"
 
 
 # -----------------------------------------------------------------------------
@@ -291,3 +331,17 @@ def test_the_hand_labels_cover_both_models_and_every_kind_of_prompt():
     assert len(rows) == 150
     assert {r["report"].split("/")[0] for r in rows} == {"base", "both_lr1e-05"}  # before and after training
     assert {r["kind"] for r in rows} == {"harmful", "benign", "public_harmful", "public_benign"}
+
+
+def test_subsample_keeps_each_kind_in_proportion(tmp_path):
+    anchors = [(f"Name fruit {i}.", "Apple.") for i in range(8)]
+    records = records_of(PAIRS * 2, anchors)
+    half = subsample.subsample(records, 0.5, seed=1)
+    assert sum(r.get("kind") == "anchor" for r in half) == 4 and len(half) == 6
+    assert [r for r in records if r in half] == half  # file order kept
+    assert subsample.subsample(records, 0.5, seed=1) == half and subsample.subsample(records, 1.0, 0) == records
+    assert len(subsample.subsample(records, 0.01, 0)) == 2  # at least one of each kind
+    data, out = tmp_path / "d.jsonl", tmp_path / "sub" / "half.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert subsample.main([str(data), "--fraction", "0.5", "--seed", "1", "--out", str(out)]) == half
+    assert [json.loads(x) for x in out.read_text().splitlines()] == half

@@ -404,7 +404,7 @@ def test_help_explains_every_flag(capsys):
         train.main(["--help"])
     for action in train_config.build_parser()._actions:
         assert action.help, action.option_strings
-    assert "cpu preset: 1e-05, gpu preset: 1e-05" in capsys.readouterr().out  # the presets' values are shown
+    assert "cpu preset: 4e-05, gpu preset: 1e-05" in capsys.readouterr().out  # the presets' values are shown
 
 
 @pytest.mark.parametrize(
@@ -443,9 +443,11 @@ def test_presets_and_their_overrides(monkeypatch):
     gpu = parse(["--preset", "gpu"])
     assert (gpu.questions, gpu.grad_accum, gpu.max_len, gpu.lr, gpu.save_every) == (64, 8, 1024, 1e-5, 100)
     assert (gpu.eval_limit, gpu.eval_max_new_tokens, gpu.grad_checkpointing) == (None, 64, True)
+    assert parse([]).decision_weight == gpu.decision_weight == 1.0  # the decision loss is on in both presets
+    assert parse(["--decision-weight", "0"]).decision_weight == 0.0
     assert (gpu.device, gpu.precision) == ("cpu", "fp32")
     assert parse(["--lora-rank", "8"]).lr == 1.5e-4 and parse(["--preset", "gpu", "--lora-rank", "8"]).lr == 2e-4
-    assert parse(["--lora-rank", "8", "--lr", "1e-3"]).lr == 1e-3 and parse(["--lora-rank", "0"]).lr == 1e-5
+    assert parse(["--lora-rank", "8", "--lr", "1e-3"]).lr == 1e-3 and parse(["--lora-rank", "0"]).lr == 4e-5
     assert parse(["--eval-limit", "0"]).eval_limit is None and parse(["--eval-limit", "5"]).eval_limit == 5
     assert parse(["--preset", "gpu", "--max-len", "64", "--no-grad-checkpointing"]).max_len == 64
     assert not parse(["--preset", "gpu", "--no-grad-checkpointing"]).grad_checkpointing
