@@ -57,9 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--model", help="starting checkpoint (default: the embedded default model)")
     p.add_argument(
         "--losses",
-        nargs="+",
+        nargs="*",
         default=["both", "mle", "ut", "dpo"],
-        help="train.py --loss values; LOSS:LR,LR gives that loss its own learning rates",
+        help="train.py --loss values; LOSS:LR,LR gives that loss its own learning rates (none: --variant curves only)",
     )
     p.add_argument("--lrs", nargs="+", type=float, default=[5e-6, 1e-5, 2e-5], help="peak learning rates")
     p.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta (--loss dpo)")
@@ -234,6 +234,24 @@ def table(result: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+def summary(result: dict, reports: dict) -> str:
+    """Markdown: one row per run, every rate (dev, held-out, public) with its interval, and the
+    held-out likelihood of good benign answers; the default picked on dev in bold."""
+    cell = lambda r: "—" if not r else f"{r['rate']:.3f} [{r['lo']:.2f}, {r['hi']:.2f}]"
+    held, public = PANELS[0][0], PANELS[2][0]
+    head = ["run", "dev harmful", "dev benign", "dev dangerous", "harmful", "benign", "dangerous-sounding"]
+    head += ["public harmful", "public benign", "good-answer log p"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * (len(head) - 1) + " ---: |"]
+    for p in [result["base"], *result["points"]]:
+        name = p["curve"] + (f", lr {p['lr']:g}" if "lr" in p else "")
+        name = f"**{name}** (default)" if result.get("default") and p == result["default"] else name
+        cells = [p["dev_harmful"], p["dev_benign"], p["dev_dangerous"], *p["panels"][held].values()]
+        cells += [p["panels"][PANELS[1][0]]["benign"], *p["panels"][public].values()]
+        logp = reports[(p["curve"], p.get("lr"))]["heldout"].get("benign_reference_logprob")
+        lines.append(f"| {name} | " + " | ".join(map(cell, cells)) + f" | {logp:.3f} |")
+    return "\n".join(lines)
+
+
 def probe_rocs(path) -> dict:
     """The ROC, on the held-out and public sets, of the probe kind with the best cross-validated AUC on
     its fit set, keyed by panel title (scripts/probe.py run with --score heldout=... --score public=...)."""
@@ -271,6 +289,7 @@ def main(argv=None) -> dict:
     write_json(out / "curves.json", result)
     plot(result, out / "curves.png")
     print("\n\n".join(table(result, title) for title, *_ in PANELS))
+    print("\n### every rate\n\n" + summary(result, all_reports | {("untrained", None): base_reports}))
     for key, what in (("default", "default chosen on dev"), ("best_of_all", "the same rule over every curve")):
         if p := result[key]:
             print(f"{what}: {p['curve']} at lr {p['lr']:g}")
