@@ -98,7 +98,7 @@ class DecisionLoss:
 
     def scores(self, model, batch: DecisionBatch, bf16: bool = False) -> torch.Tensor:
         """s(q) = log p(any refusal opener | q), one per question (bf16: under autocast, as training runs)."""
-        device = batch_device(model)
+        device = next(model.parameters()).device  # a DTensor's local device under torchrun
         autocast = torch.autocast(device.type, torch.bfloat16, cache_enabled=False) if bf16 else nullcontext()
         with autocast:
             lp = sequence_logprobs(model, batch.ids.to(device), batch.targets.to(device))
@@ -142,8 +142,3 @@ class DecisionLoss:
         logits = self.scores(model, share, bf16) - self.centre
         bce = F.binary_cross_entropy_with_logits(logits, share.labels.to(logits), reduction="sum")
         return bce * (1.0 if rank < n else 0.0) / n
-
-
-def batch_device(model) -> torch.device:
-    """Where the model's weights are (a DTensor's local device under torchrun)."""
-    return next(model.parameters()).device

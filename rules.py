@@ -155,8 +155,13 @@ def is_refusal(reply: str) -> bool:
     text = reply.strip().lstrip("\"'“‘*# ").replace("’", "'").lower()
     if not text:
         return False
-    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    first = first_sentences(text, 1)
     return text.startswith(REFUSAL_PREFIXES) or any(p in first for p in REFUSAL_PHRASES)
+
+
+def first_sentences(text: str, n: int) -> str:
+    """The first n sentences of a text (split after . ! or ? and a space)."""
+    return " ".join(re.split(r"(?<=[.!?])\s", text, maxsplit=n)[:n])
 
 
 def rouge_l(a: str, b: str) -> float:
